@@ -1,0 +1,35 @@
+"""SMAI: Superpixel Masking And Inpainting for anomaly detection, as an anomalib model.
+
+Installing the package registers ``Smai`` with anomalib (see :mod:`smai_plugin._autoload`),
+so anomalib users select it like a built-in model:
+
+Example:
+    >>> from anomalib.models import get_model
+    >>> model = get_model("smai", n_superpixels=77, n_masked=10)  # doctest: +SKIP
+    >>> from smai_plugin import Smai
+    >>> model = Smai(score_measure="l2")  # doctest: +SKIP
+
+The heavy imports (torch, anomalib) happen only when ``Smai`` or ``SmaiModel`` is first
+used, so the start-up hook costs nothing for Python programs that never touch anomalib.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["Smai", "SmaiModel"]
+
+if TYPE_CHECKING:
+    from .lightning_model import Smai
+    from .torch_model import SmaiModel
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401
+    if name == "Smai":
+        from .lightning_model import Smai
+
+        return Smai
+    if name == "SmaiModel":
+        from .torch_model import SmaiModel
+
+        return SmaiModel
+    msg = f"module 'smai_plugin' has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -1,0 +1,114 @@
+"""PEN-Net's attention transfer network (ATN), batched.
+
+One ATN step fills the holes of a feature map ``low`` with patches of ``low`` itself, chosen by
+how the surrounding context of ``high`` (the next deeper, half-resolution map) matches known
+regions:
+
+1. keys: every ``k x k`` patch of ``high``, L2-normalised; queries: the same patches unnormalised;
+2. scores: query-key dot products (a correlation of ``high`` with every key);
+3. only keys whose patch holds no hole are valid; softmax with scale 10 over the valid keys;
+4. paste: the output at each query is the attention-weighted sum of the ``4 x 4`` patches of
+   ``low`` cut with stride 2 (a transposed convolution with the patches as kernels), over 4;
+5. optional fusion: four dilated 3x3 convolutions (dilation 1, 2, 4, 8) concatenated.
+
+The public PEN-Net code loops over the batch with per-sample convolution kernels; here every
+step is an ``unfold`` / batched ``matmul`` / ``fold`` so the whole batch runs at once and
+exports to ONNX (opset 18 ``Col2Im``) and OpenVINO.
+
+One knowing change from the public code: invalid keys get a large negative score before the
+softmax instead of a zero score, so they add nothing to the softmax denominator (the public
+code lets each add ``exp(0)``, which dilutes attention on small valid sets).
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+SOFTMAX_SCALE = 10.0
+PASTE_KERNEL = 4
+PASTE_STRIDE = 2
+
+
+def hole_at(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a binary hole mask down to ``size``; a cell is a hole if any pixel in it is.
+
+    Args:
+        mask (torch.Tensor): Hole mask ``(B, 1, H, W)``, 1 in the hole.
+        size (tuple[int, int]): Target ``(h, w)``; ``H`` and ``W`` must be multiples of it.
+
+    Returns:
+        torch.Tensor: Binary mask ``(B, 1, h, w)``.
+    """
+    return F.adaptive_max_pool2d(mask, size)
+
+
+class AttentionTransfer(nn.Module):
+    """One batched ATN step, ``ATN(low, high, mask)``.
+
+    Args:
+        channels (int): Channels of ``low`` (also of the output).
+        patch_size (int): Side of the key/query patches on ``high`` (1 or 3 in PEN-Net).
+        fuse (bool): Apply the dilated-convolution fusion after the paste.
+
+    Example:
+        >>> atn = AttentionTransfer(channels=32, patch_size=3, fuse=True)
+        >>> low, high = torch.randn(2, 32, 16, 16), torch.randn(2, 64, 8, 8)
+        >>> mask = torch.zeros(2, 1, 64, 64)
+        >>> mask[:, :, 16:32, 16:32] = 1
+        >>> atn(low, high, mask).shape
+        torch.Size([2, 32, 16, 16])
+    """
+
+    def __init__(self, channels: int, patch_size: int = 3, fuse: bool = True) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.fusion = (
+            nn.ModuleList(
+                nn.Sequential(nn.Conv2d(channels, channels // 4, 3, padding=rate, dilation=rate), nn.ReLU())
+                for rate in (1, 2, 4, 8)
+            )
+            if fuse
+            else None
+        )
+
+    def attention(self, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of every query position over every key position of ``high``.
+
+        Args:
+            high (torch.Tensor): Deeper feature map ``(B, C, h, w)``.
+            mask (torch.Tensor): Hole mask ``(B, 1, H, W)`` at any multiple of ``(h, w)``.
+
+        Returns:
+            torch.Tensor: Attention weights ``(B, h*w queries, h*w keys)``.
+        """
+        pad = self.patch_size // 2
+        patches = F.unfold(high, self.patch_size, padding=pad).transpose(1, 2)  # (B, L, C*k*k)
+        keys = patches / patches.norm(dim=2, keepdim=True).clamp(min=1e-4)
+        scores = patches @ keys.transpose(1, 2)  # (B, L queries, L keys)
+        # A key is valid when its k x k patch on the resized mask holds no hole.
+        hole = hole_at(mask, high.shape[-2:])
+        key_has_hole = F.max_pool2d(hole, self.patch_size, stride=1, padding=pad).flatten(1) > 0.5  # (B, L)
+        invalid = key_has_hole[:, None, :]
+        # A large finite negative (not -inf) keeps a map without any valid key free of NaN.
+        weights = torch.softmax(scores.masked_fill(invalid, -1e4) * SOFTMAX_SCALE, dim=2)
+        return weights.masked_fill(invalid, 0.0).clamp(min=1e-8)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fill ``low`` with attention-weighted patches of itself.
+
+        Args:
+            low (torch.Tensor): Feature map ``(B, C, 2h, 2w)``.
+            high (torch.Tensor): Deeper feature map ``(B, C', h, w)``.
+            mask (torch.Tensor): Hole mask ``(B, 1, H, W)``.
+
+        Returns:
+            torch.Tensor: ``(B, C, 2h, 2w)``, replacing ``low`` everywhere.
+        """
+        weights = self.attention(high, mask)
+        # One 4x4 patch of `low` per key position (stride 2, so positions match `high`).
+        low_patches = F.unfold(low, PASTE_KERNEL, stride=PASTE_STRIDE, padding=1)  # (B, C*16, L keys)
+        pasted = low_patches @ weights.transpose(1, 2)  # (B, C*16, L queries)
+        output = F.fold(pasted, low.shape[-2:], PASTE_KERNEL, stride=PASTE_STRIDE, padding=1) / 4.0
+        if self.fusion is None:
+            return output
+        return torch.cat([branch(output) for branch in self.fusion], dim=1)

@@ -1,0 +1,269 @@
+"""SMAI: Superpixel Masking And Inpainting for self-supervised anomaly detection.
+
+Paper: Li et al., "Superpixel Masking and Inpainting for Self-Supervised Anomaly Detection",
+BMVC 2020.
+
+SMAI trains an inpainting network (PEN-Net) on normal images only: each step masks ``n_masked``
+random SLIC superpixels of every image and teaches the network to restore them. At test time
+each superpixel is masked and inpainted in turn; a defect cannot be restored from normal
+context, so the inpainting differs from the original there. The difference inside each
+superpixel (``1 - SSIM`` or ``L2``) forms the anomaly map.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from smai_plugin import Smai
+    >>> model = Smai(max_steps=500)  # doctest: +SKIP
+    >>> engine = Engine()  # doctest: +SKIP
+    >>> engine.fit(model=model, datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+    >>> engine.test(model=model, datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+
+From the command line, after ``pip install`` (no import needed)::
+
+    anomalib train --model Smai --data MVTecAD --model.max_steps 500
+"""
+
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.data.transforms.utils import extract_transforms_by_type
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from . import _autoload
+from .anomaly_map import ScoreMeasure
+from .loss import SmaiLoss, discriminator_hinge_loss
+from .pennet import PenNetDiscriminator
+from .torch_model import ScoringMode, SmaiModel, random_superpixel_holes
+
+__all__ = ["Smai"]
+
+
+class Smai(AnomalibModule):
+    """SMAI as an anomalib model.
+
+    Args:
+        n_superpixels (int): Superpixels per image, the paper's m. Defaults to ``77``.
+        n_masked (int): Superpixels masked per training image, the paper's k. Defaults to ``10``.
+        scoring (ScoringMode | str): Inference schedule: ``"leave_one_out"`` (the paper's).
+            Defaults to ``"leave_one_out"``.
+        score_measure (ScoreMeasure | str): ``"ssim"`` (paper eq. 2) or ``"l2"`` (eq. 3).
+            Defaults to ``"ssim"``.
+        image_size (tuple[int, int] | None): Size the default pre-processor resizes to; height
+            and width must be multiples of 64. Defaults to ``(256, 256)``, the paper's.
+        base_channels (int): PEN-Net generator width. Defaults to ``32`` (PEN-Net's).
+        discriminator_channels (int): Discriminator width. Defaults to ``64`` (PEN-Net's).
+        compactness (float): SLIC compactness. Defaults to ``10.0``.
+        slic_iterations (int): SLIC iterations. Defaults to ``10``.
+        max_steps (int): Training iterations (one generator and one discriminator update
+            each). Lightning counts both optimiser steps, so the trainer gets ``2 * max_steps``.
+            Defaults to ``50000``, the paper's.
+        learning_rate (float): Adam learning rate of both networks. Defaults to ``1e-4``.
+        hole_weight (float): Hole L1 loss weight. Defaults to ``6.0``.
+        valid_weight (float): Valid-region L1 loss weight. Defaults to ``1.0``.
+        pyramid_weight (float): Pyramid L1 loss weight. Defaults to ``0.5``.
+        adversarial_weight (float): Adversarial loss weight. Defaults to ``0.1``.
+        ssim_weight (float): SMAI's ``1 - SSIM`` loss weight. Defaults to ``1.0``.
+        passes_per_batch (int): Most inpaintings per generator call when scoring; bounds
+            memory. Defaults to ``16``.
+        pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
+            (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
+        post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
+        evaluator (Evaluator | bool): Evaluator or flag; the default reports image AUROC and
+            F1, pixel AUROC and F1, and PRO (AUPRO up to 30% FPR). Defaults to ``True``.
+        visualizer (Visualizer | bool): Visualizer or flag. Defaults to ``True``.
+
+    Example:
+        >>> model = Smai(n_superpixels=77, n_masked=10, score_measure="l2")  # doctest: +SKIP
+        >>> model.model  # the torch model, as in every anomalib model  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        n_superpixels: int = 77,
+        n_masked: int = 10,
+        scoring: ScoringMode | str = ScoringMode.LEAVE_ONE_OUT,
+        score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
+        image_size: tuple[int, int] | None = None,
+        base_channels: int = 32,
+        discriminator_channels: int = 64,
+        compactness: float = 10.0,
+        slic_iterations: int = 10,
+        max_steps: int = 50_000,
+        learning_rate: float = 1e-4,
+        hole_weight: float = 6.0,
+        valid_weight: float = 1.0,
+        pyramid_weight: float = 0.5,
+        adversarial_weight: float = 0.1,
+        ssim_weight: float = 1.0,
+        passes_per_batch: int = 16,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if not 1 <= n_masked <= n_superpixels:
+            msg = f"n_masked must be between 1 and n_superpixels ({n_superpixels}), got {n_masked}."
+            raise ValueError(msg)
+        if max_steps < 1:
+            msg = f"max_steps must be at least 1, got {max_steps}."
+            raise ValueError(msg)
+        if learning_rate <= 0:
+            msg = f"learning_rate must be positive, got {learning_rate}."
+            raise ValueError(msg)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = SmaiModel(
+            n_superpixels=n_superpixels,
+            scoring=scoring,
+            score_measure=score_measure,
+            base_channels=base_channels,
+            compactness=compactness,
+            slic_iterations=slic_iterations,
+            passes_per_batch=passes_per_batch,
+        )
+        self.discriminator = PenNetDiscriminator(discriminator_channels)
+        self.loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)
+        self.n_masked = n_masked
+        self.max_steps = max_steps
+        self.learning_rate = learning_rate
+        # A GAN: the generator and the discriminator step in turn.
+        self.automatic_optimization = False
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only: SMAI works on RGB images in ``[0, 1]``.
+
+        Args:
+            image_size (tuple[int, int] | None): Target size. Defaults to ``(256, 256)``.
+
+        Returns:
+            PreProcessor: Pre-processor with a resize transform.
+        """
+        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC/F1, pixel AUROC/F1 and PRO (AUPRO up to 30% FPR) on the test set."""
+        test_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
+        ]
+        return Evaluator(test_metrics=test_metrics)
+
+    def on_train_start(self) -> None:
+        """Refuse a pre-processor that normalises: PEN-Net needs images in ``[0, 1]``."""
+        if self.pre_processor and extract_transforms_by_type(self.pre_processor.transform, Normalize):
+            msg = "SMAI's pre-processor must not normalise images (SMAI works on [0, 1] RGB): remove Normalize."
+            raise ValueError(msg)
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """Adam for the generator and for the discriminator, betas (0.5, 0.999) as in PEN-Net."""
+        generator = torch.optim.Adam(self.model.generator.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
+        discriminator = torch.optim.Adam(self.discriminator.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
+        return generator, discriminator
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Mask random superpixels, update the discriminator, then the generator.
+
+        Args:
+            batch (Batch): Batch of normal images.
+            args: Unused.
+            kwargs: Unused.
+
+        Returns:
+            STEP_OUTPUT: The generator's loss terms.
+        """
+        del args, kwargs
+        images = batch.image
+        self._check_finite(batch)
+        with torch.no_grad():
+            holes = random_superpixel_holes(self.model.masker(images), self.n_masked)
+        output, pyramid = self.model(images, holes)
+        originals = images * 2 - 1
+        composite = originals * (1 - holes) + output * holes
+        generator_optimizer, discriminator_optimizer = self.optimizers()
+
+        discriminator_loss = discriminator_hinge_loss(
+            self.discriminator(originals), self.discriminator(composite.detach())
+        )
+        discriminator_optimizer.zero_grad()
+        self.manual_backward(discriminator_loss)
+        discriminator_optimizer.step()
+
+        terms = self.loss(originals, holes, output, pyramid, self.discriminator(composite))
+        generator_optimizer.zero_grad()
+        self.manual_backward(terms["loss"])
+        generator_optimizer.step()
+
+        self.log("train_loss", terms["loss"], prog_bar=True)
+        self.log("discriminator_loss", discriminator_loss, prog_bar=True)
+        self.log_dict({f"train_{name}": value for name, value in terms.items() if name != "loss"})
+        return {key: value.detach() for key, value in terms.items()}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a validation batch (the post-processor learns its thresholds from these)."""
+        del args, kwargs
+        self._check_finite(batch)
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a test batch."""
+        del args, kwargs
+        self._check_finite(batch)
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a batch for prediction."""
+        del args, kwargs
+        self._check_finite(batch)
+        return batch.update(**self.model(batch.image)._asdict())
+
+    @staticmethod
+    def _check_finite(batch: Batch) -> None:
+        """Value checks live here, outside the exported graph (see DESIGN.md)."""
+        if not torch.isfinite(batch.image).all():
+            paths = getattr(batch, "image_path", None)
+            msg = f"Input images contain NaN or infinite values{f' ({paths})' if paths else ''}."
+            raise ValueError(msg)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Train by steps and validate once, at the end.
+
+        Scoring is costly (many inpaintings per image), so validation, which fits the
+        post-processor's thresholds, runs once after the last training step rather than
+        every epoch.
+        """
+        return {
+            "max_steps": 2 * self.max_steps,
+            "max_epochs": -1,
+            "check_val_every_n_epoch": None,
+            "val_check_interval": self.max_steps,
+            "num_sanity_val_steps": 0,
+        }
+
+    @property
+    def learning_type(self) -> LearningType:
+        """SMAI learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+
+_autoload.expose(Smai)

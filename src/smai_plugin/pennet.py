@@ -1,0 +1,152 @@
+"""PEN-Net (Zeng et al., CVPR 2019): pyramid-context encoder network for inpainting.
+
+Written from the architecture description (no code taken from the public implementation).
+Sizes for a 256x256 input and base width ``c``:
+
+- encoder: six stride-2 3x3 convolutions, 4 -> c -> 2c -> 4c -> 8c -> 16c -> 16c channels;
+- attention transfer cascade from deep to shallow (levels 5..1), see :mod:`.attention`;
+- decoder: bilinear x2 upsampling + 3x3 convolution per level, with 1x1 ``tanh`` pyramid
+  outputs at 8, 16, 32, 64 and 128 pixels, and a final two-convolution head at full size;
+- discriminator: spectral-norm 5x5 patch discriminator on the composited image.
+
+Images are in ``[-1, 1]``; masks have 1 in the hole. The generator sees the masked image
+(holes filled with +1) and the mask as a fourth channel.
+
+Example:
+    >>> generator = PenNetGenerator(base_channels=8)
+    >>> images, masks = torch.rand(2, 3, 64, 64) * 2 - 1, torch.zeros(2, 1, 64, 64)
+    >>> output, pyramid = generator(images, masks)
+    >>> output.shape, [p.shape[-1] for p in pyramid]
+    (torch.Size([2, 3, 64, 64]), [2, 4, 8, 16, 32])
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.nn.utils import spectral_norm
+
+from .attention import AttentionTransfer
+
+N_LEVELS = 6
+
+
+def init_weights(module: nn.Module) -> None:
+    """PEN-Net's initialisation: normal(0, 0.02) weights and zero biases for every convolution."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+
+
+def _conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU())
+
+
+class PenNetGenerator(nn.Module):
+    """PEN-Net generator: encoder, ATN cascade, decoder with pyramid outputs.
+
+    Args:
+        base_channels (int): Width ``c`` of the first encoder level. Defaults to ``32``
+            (PEN-Net's, about 10.2 M parameters).
+
+    Raises:
+        ValueError: If ``base_channels`` is not a positive multiple of 4 (the fusion splits
+            channels in four).
+    """
+
+    def __init__(self, base_channels: int = 32) -> None:
+        super().__init__()
+        if base_channels < 4 or base_channels % 4:
+            msg = f"base_channels must be a positive multiple of 4, got {base_channels}."
+            raise ValueError(msg)
+        c = base_channels
+        widths = [c, 2 * c, 4 * c, 8 * c, 16 * c, 16 * c]
+        in_widths = [4, *widths[:-1]]
+        self.encoder = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.LeakyReLU(0.2) if i < 5 else nn.ReLU())
+            for i, (cin, cout) in enumerate(zip(in_widths, widths, strict=True))
+        )
+        # attention[i] fills encoder level i+1 (x1..x5) from level i+2.
+        self.attention = nn.ModuleList(
+            AttentionTransfer(widths[i], patch_size=3 if i < 4 else 1, fuse=i < 4) for i in range(5)
+        )
+        # decoder[0] makes u5 from x6; decoder[i] makes u(5-i) from [u(6-i), x(6-i)'].
+        self.decoder = nn.ModuleList([
+            _conv_relu(16 * c, 16 * c),
+            _conv_relu(32 * c, 8 * c),
+            _conv_relu(16 * c, 4 * c),
+            _conv_relu(8 * c, 2 * c),
+            _conv_relu(4 * c, c),
+        ])
+        self.pyramid = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, 3, 1), nn.Tanh()) for channels in (32 * c, 16 * c, 8 * c, 4 * c, 2 * c)
+        )
+        self.head = nn.Sequential(_conv_relu(2 * c, c), nn.Conv2d(c, 3, 3, padding=1), nn.Tanh())
+        init_weights(self)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Inpaint the holes of ``images``.
+
+        Args:
+            images (torch.Tensor): Images in ``[-1, 1]``, ``(B, 3, H, W)``; ``H`` and ``W``
+                must be multiples of 64.
+            masks (torch.Tensor): Hole masks ``(B, 1, H, W)``, 1 in the hole.
+
+        Returns:
+            tuple[torch.Tensor, list[torch.Tensor]]: The inpainted image ``(B, 3, H, W)`` in
+            ``[-1, 1]`` and the five pyramid outputs, coarse to fine (``H/32`` .. ``H/2``).
+        """
+        x = torch.cat([images * (1 - masks) + masks, masks], dim=1)
+        features = []
+        for layer in self.encoder:
+            x = layer(x)
+            features.append(x)
+        # Attention cascade, deep to shallow: x5' = ATN(x5, x6), x4' = ATN(x4, x5'), ...
+        filled = features[-1]
+        attended = []
+        for level in reversed(range(5)):
+            filled = self.attention[level](features[level], filled, masks)
+            attended.insert(0, filled)
+
+        decoded = self.decoder[0](_up(features[-1]))
+        pyramid = []
+        for level in reversed(range(5)):
+            skip = torch.cat([decoded, attended[level]], dim=1)
+            pyramid.append(self.pyramid[4 - level](skip))
+            decoded = self.decoder[5 - level](_up(skip)) if level > 0 else self.head(_up(skip))
+        return decoded, pyramid
+
+
+class PenNetDiscriminator(nn.Module):
+    """PEN-Net's spectral-norm patch discriminator.
+
+    Args:
+        base_channels (int): Width of the first layer. Defaults to ``64`` (PEN-Net's).
+
+    Example:
+        >>> discriminator = PenNetDiscriminator(base_channels=16)
+        >>> discriminator(torch.randn(2, 3, 64, 64)).shape
+        torch.Size([2, 1, 4, 4])
+    """
+
+    def __init__(self, base_channels: int = 64) -> None:
+        super().__init__()
+        if base_channels < 1:
+            msg = f"base_channels must be positive, got {base_channels}."
+            raise ValueError(msg)
+        c = base_channels
+        layers: list[nn.Module] = []
+        for cin, cout, stride in ((3, c, 2), (c, 2 * c, 2), (2 * c, 4 * c, 2), (4 * c, 8 * c, 1)):
+            layers += [spectral_norm(nn.Conv2d(cin, cout, 5, stride=stride, padding=1, bias=False)), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(8 * c, 1, 5, stride=1, padding=1))
+        self.layers = nn.Sequential(*layers)
+        init_weights(self)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Score patches of ``images`` (higher: more real)."""
+        return self.layers(images)
