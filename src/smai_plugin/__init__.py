@@ -11,6 +11,7 @@ Example:
 
 The heavy imports (torch, anomalib) happen only when ``Smai`` or ``SmaiModel`` is first
 used, so the start-up hook costs nothing for Python programs that never touch anomalib.
+
 """
 
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from .torch_model import SmaiModel
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401
+def __getattr__(name: str) -> Any:
     if name == "Smai":
         from .lightning_model import Smai
 

@@ -13,6 +13,7 @@ def parse_enum(enum: type[EnumT], value: EnumT | str, name: str) -> EnumT:
         >>> from smai_plugin.anomaly_map import ScoreMeasure
         >>> parse_enum(ScoreMeasure, "l2", "score_measure")
         <ScoreMeasure.L2: 'l2'>
+
     """
     try:
         return enum(value)

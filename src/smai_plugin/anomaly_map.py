@@ -24,6 +24,7 @@ Example:
     >>> scorer = AnomalyMapGenerator(score_measure="l2", passes_per_batch=2)
     >>> scorer(generator, images, holes).shape
     torch.Size([1, 1, 64, 64])
+
 """
 
 from enum import Enum
@@ -63,6 +64,7 @@ class AnomalyMapGenerator(nn.Module):
             Defaults to ``16``.
         sigma (float): Standard deviation of the Gaussian smoothing of the map; ``0`` turns
             smoothing off. Defaults to ``4.0``.
+
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class AnomalyMapGenerator(nn.Module):
 
         Returns:
             torch.Tensor: Anomaly map ``(B, 1, H, W)``.
+
         """
         batch, n_passes, height, width = holes.shape
         per_call = max(1, self.passes_per_batch // batch)

@@ -38,6 +38,7 @@ def hole_at(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
     Returns:
         torch.Tensor: Binary mask ``(B, 1, h, w)``.
+
     """
     return F.adaptive_max_pool2d(mask, size)
 
@@ -57,6 +58,7 @@ class AttentionTransfer(nn.Module):
         >>> mask[:, :, 16:32, 16:32] = 1
         >>> atn(low, high, mask).shape
         torch.Size([2, 32, 16, 16])
+
     """
 
     def __init__(self, channels: int, patch_size: int = 3, fuse: bool = True) -> None:
@@ -80,6 +82,7 @@ class AttentionTransfer(nn.Module):
 
         Returns:
             torch.Tensor: Attention weights ``(B, h*w queries, h*w keys)``.
+
         """
         pad = self.patch_size // 2
         patches = F.unfold(high, self.patch_size, padding=pad).transpose(1, 2)  # (B, L, C*k*k)
@@ -103,6 +106,7 @@ class AttentionTransfer(nn.Module):
 
         Returns:
             torch.Tensor: ``(B, C, 2h, 2w)``, replacing ``low`` everywhere.
+
         """
         weights = self.attention(high, mask)
         # One 4x4 patch of `low` per key position (stride 2, so positions match `high`).

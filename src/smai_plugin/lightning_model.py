@@ -21,6 +21,7 @@ Example:
 From the command line, after ``pip install`` (no import needed)::
 
     anomalib train --model Smai --data MVTecAD --model.max_steps 500
+
 """
 
 from typing import Any
@@ -35,7 +36,6 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from . import _autoload
@@ -84,6 +84,7 @@ class Smai(AnomalibModule):
     Example:
         >>> model = Smai(n_superpixels=77, n_masked=10, score_measure="l2")  # doctest: +SKIP
         >>> model.model  # the torch model, as in every anomalib model  # doctest: +SKIP
+
     """
 
     def __init__(
@@ -153,6 +154,7 @@ class Smai(AnomalibModule):
 
         Returns:
             PreProcessor: Pre-processor with a resize transform.
+
         """
         return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
 
@@ -190,6 +192,7 @@ class Smai(AnomalibModule):
 
         Returns:
             STEP_OUTPUT: The generator's loss terms.
+
         """
         del args, kwargs
         images = batch.image
@@ -221,18 +224,19 @@ class Smai(AnomalibModule):
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch (the post-processor learns its thresholds from these)."""
         del args, kwargs
-        self._check_finite(batch)
-        return batch.update(**self.model(batch.image)._asdict())
+        return self._score(batch)
 
     def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a test batch."""
         del args, kwargs
-        self._check_finite(batch)
-        return batch.update(**self.model(batch.image)._asdict())
+        return self._score(batch)
 
     def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a batch for prediction."""
         del args, kwargs
+        return self._score(batch)
+
+    def _score(self, batch: Batch) -> Batch:
         self._check_finite(batch)
         return batch.update(**self.model(batch.image)._asdict())
 

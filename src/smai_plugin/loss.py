@@ -19,6 +19,7 @@ Example:
     >>> terms = loss(images, holes, images, pyramid, fake_scores=torch.zeros(2, 1, 4, 4))
     >>> float(terms["hole_l1"]), float(terms["ssim"])  # a perfect inpainting
     (0.0, 0.0)
+
 """
 
 import torch
@@ -48,6 +49,7 @@ class SmaiLoss(nn.Module):
         pyramid_weight (float): Weight of the pyramid L1 loss. Defaults to ``0.5``.
         adversarial_weight (float): Weight of the adversarial loss. Defaults to ``0.1``.
         ssim_weight (float): Weight of SMAI's ``1 - SSIM`` loss. Defaults to ``1.0``.
+
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class SmaiLoss(nn.Module):
 
         Returns:
             dict[str, torch.Tensor]: Unweighted terms and the weighted total ``"loss"``.
+
         """
         error = (output - images).abs()
         terms = {

@@ -18,6 +18,7 @@ Example:
     >>> output, pyramid = generator(images, masks)
     >>> output.shape, [p.shape[-1] for p in pyramid]
     (torch.Size([2, 3, 64, 64]), [2, 4, 8, 16, 32])
+
 """
 
 import torch
@@ -31,10 +32,15 @@ N_LEVELS = 6
 
 
 def init_weights(module: nn.Module) -> None:
-    """PEN-Net's initialisation: normal(0, 0.02) weights and zero biases for every convolution."""
+    """He-normal weights and zero biases for every convolution.
+
+    PEN-Net initialises with normal(0, 0.02), which suits its width (c = 32) poorly enough and
+    narrower networks not at all: at c = 8 the untrained output has a standard deviation of
+    4e-6 and gradients vanish. He initialisation keeps activations at scale for any width.
+    """
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d):
-            nn.init.normal_(layer.weight, 0.0, 0.02)
+            nn.init.kaiming_normal_(layer.weight, a=0.2, nonlinearity="leaky_relu")
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
 
@@ -57,6 +63,7 @@ class PenNetGenerator(nn.Module):
     Raises:
         ValueError: If ``base_channels`` is not a positive multiple of 4 (the fusion splits
             channels in four).
+
     """
 
     def __init__(self, base_channels: int = 32) -> None:
@@ -76,13 +83,15 @@ class PenNetGenerator(nn.Module):
             AttentionTransfer(widths[i], patch_size=3 if i < 4 else 1, fuse=i < 4) for i in range(5)
         )
         # decoder[0] makes u5 from x6; decoder[i] makes u(5-i) from [u(6-i), x(6-i)'].
-        self.decoder = nn.ModuleList([
-            _conv_relu(16 * c, 16 * c),
-            _conv_relu(32 * c, 8 * c),
-            _conv_relu(16 * c, 4 * c),
-            _conv_relu(8 * c, 2 * c),
-            _conv_relu(4 * c, c),
-        ])
+        self.decoder = nn.ModuleList(
+            [
+                _conv_relu(16 * c, 16 * c),
+                _conv_relu(32 * c, 8 * c),
+                _conv_relu(16 * c, 4 * c),
+                _conv_relu(8 * c, 2 * c),
+                _conv_relu(4 * c, c),
+            ]
+        )
         self.pyramid = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, 3, 1), nn.Tanh()) for channels in (32 * c, 16 * c, 8 * c, 4 * c, 2 * c)
         )
@@ -100,6 +109,7 @@ class PenNetGenerator(nn.Module):
         Returns:
             tuple[torch.Tensor, list[torch.Tensor]]: The inpainted image ``(B, 3, H, W)`` in
             ``[-1, 1]`` and the five pyramid outputs, coarse to fine (``H/32`` .. ``H/2``).
+
         """
         x = torch.cat([images * (1 - masks) + masks, masks], dim=1)
         features = []
@@ -132,6 +142,7 @@ class PenNetDiscriminator(nn.Module):
         >>> discriminator = PenNetDiscriminator(base_channels=16)
         >>> discriminator(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 1, 4, 4])
+
     """
 
     def __init__(self, base_channels: int = 64) -> None:

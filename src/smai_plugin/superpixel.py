@@ -20,6 +20,7 @@ Example:
     torch.Size([2, 77, 256, 256])
     >>> bool((masks.sum(1) == 1).all())  # every pixel belongs to exactly one superpixel
     True
+
 """
 
 import math
@@ -46,6 +47,7 @@ def superpixel_grid(n_superpixels: int, height: int, width: int) -> tuple[int, i
     Example:
         >>> superpixel_grid(77, 256, 256)
         (8, 9)
+
     """
     rows = max(1, min(height, math.floor(math.sqrt(n_superpixels * height / width))))
     cols = max(1, min(width, n_superpixels // rows))
@@ -70,6 +72,7 @@ class SuperpixelMasker(nn.Module):
         >>> masker = SuperpixelMasker(n_superpixels=16, n_iterations=5)
         >>> masker.labels(torch.rand(1, 3, 64, 64)).shape
         torch.Size([1, 64, 64])
+
     """
 
     def __init__(self, n_superpixels: int = 77, compactness: float = 10.0, n_iterations: int = 10) -> None:
@@ -96,6 +99,7 @@ class SuperpixelMasker(nn.Module):
         Returns:
             torch.Tensor: Superpixel index of every pixel, shape ``(B, H, W)``, values in
             ``[0, rows * cols)``.
+
         """
         batch, _, height, width = images.shape
         rows, cols = superpixel_grid(self.n_superpixels, height, width)
@@ -123,9 +127,10 @@ class SuperpixelMasker(nn.Module):
         neighbour_col = cell_col[:, None] + offsets[None, :]  # (W, 3)
         row_ok = (neighbour_row >= 0) & (neighbour_row < rows)
         col_ok = (neighbour_col >= 0) & (neighbour_col < cols)
-        candidates = neighbour_row.clamp(0, rows - 1)[:, None, :, None] * cols + neighbour_col.clamp(0, cols - 1)[
-            None, :, None, :
-        ]  # (H, W, 3, 3)
+        candidates = (
+            neighbour_row.clamp(0, rows - 1)[:, None, :, None] * cols
+            + neighbour_col.clamp(0, cols - 1)[None, :, None, :]
+        )  # (H, W, 3, 3)
         valid = row_ok[:, None, :, None] & col_ok[None, :, None, :]
         candidates = candidates.reshape(height * width, 9)
         invalid_penalty = (~valid).reshape(1, height * width, 9).to(images.dtype) * 1e10
@@ -162,6 +167,7 @@ class SuperpixelMasker(nn.Module):
         Returns:
             torch.Tensor: Masks of shape ``(B, n_superpixels, H, W)`` with 1 inside the
             superpixel; they partition the image, and some may be empty.
+
         """
         labels = self.labels(images)
         return one_hot_labels(labels, self.n_superpixels, images.dtype).permute(0, 3, 1, 2)

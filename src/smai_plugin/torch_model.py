@@ -15,6 +15,7 @@ Example:
     >>> output = model(torch.rand(2, 3, 64, 64))
     >>> output.pred_score.shape, output.anomaly_map.shape
     (torch.Size([2]), torch.Size([2, 1, 64, 64]))
+
 """
 
 from enum import Enum
@@ -59,6 +60,7 @@ def random_superpixel_holes(superpixels: torch.Tensor, n_masked: int) -> torch.T
         >>> superpixels = torch.eye(4).reshape(1, 4, 2, 2)  # 4 one-pixel superpixels
         >>> int(random_superpixel_holes(superpixels, 3).sum())
         3
+
     """
     non_empty = superpixels.flatten(2).amax(2) > 0  # (B, K)
     priority = torch.rand(non_empty.shape, device=superpixels.device).masked_fill(~non_empty, -1.0)
@@ -80,6 +82,7 @@ class SmaiModel(nn.Module):
         slic_iterations (int): SLIC iterations. Defaults to ``10``.
         passes_per_batch (int): Most inpaintings per generator call at inference. Defaults to ``16``.
         sigma (float): Gaussian smoothing of the anomaly map. Defaults to ``4.0``.
+
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class SmaiModel(nn.Module):
 
         Raises:
             ValueError: If ``images`` is not ``(B, 3, H, W)`` with ``H`` and ``W`` multiples of 64.
+
         """
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"SMAI expects RGB image batches of shape (B, 3, H, W), got {tuple(images.shape)}."
@@ -133,6 +137,7 @@ class SmaiModel(nn.Module):
             Train mode: the inpainting in ``[-1, 1]`` and PEN-Net's pyramid outputs.
             Eval mode: ``InferenceBatch`` with ``pred_score`` ``(B,)`` and ``anomaly_map``
             ``(B, 1, H, W)``.
+
         """
         self.check_shape(images)
         if self.training:

@@ -1,0 +1,74 @@
+"""Leave-one-superpixel-out scoring with both of the paper's measures."""
+
+import pytest
+import torch
+from torch import nn
+
+from smai_plugin.anomaly_map import AnomalyMapGenerator, ScoreMeasure
+from smai_plugin.superpixel import SuperpixelMasker
+
+from .conftest import real_image
+
+
+class NormalInpainter(nn.Module):
+    """An ideal inpainter that knows the normal image: fills every hole with it."""
+
+    def __init__(self, normal: torch.Tensor) -> None:
+        super().__init__()
+        self.normal = normal
+        self.calls: list[int] = []
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, list]:
+        self.calls.append(images.shape[0])
+        return self.normal.expand_as(images), []
+
+
+def image_tensor(size: int = 128) -> torch.Tensor:
+    image = real_image("hazelnut_toy", "train", 0, size=size)
+    return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("measure", list(ScoreMeasure))
+def test_map_is_high_only_where_the_image_differs_from_normal(measure: ScoreMeasure) -> None:
+    normal = image_tensor()
+    defective = normal.clone()
+    defective[:, :, 40:60, 70:90] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # a red patch
+    holes = SuperpixelMasker(n_superpixels=40)((defective + 1) / 2)
+    scorer = AnomalyMapGenerator(measure, passes_per_batch=7, sigma=0)
+    anomaly_map = scorer(NormalInpainter(normal), defective, holes)[0, 0]
+    defect = torch.zeros_like(anomaly_map, dtype=torch.bool)
+    defect[40:60, 70:90] = True
+    assert anomaly_map[defect].mean() > 0.1
+    assert anomaly_map[~defect.roll(6, 0).logical_or(defect.roll(-6, 0)).logical_or(defect)].max() < 0.05
+    # A normal image scores zero everywhere.
+    assert scorer(NormalInpainter(normal), normal, holes).abs().max() < 1e-5
+
+
+def test_each_pixel_is_scored_in_its_own_pass_and_chunking_is_invisible() -> None:
+    torch.manual_seed(0)
+    normal, image = image_tensor(64), image_tensor(64) + 0.3 * torch.randn(1, 3, 64, 64)
+    holes = SuperpixelMasker(n_superpixels=12)((image.clamp(-1, 1) + 1) / 2).repeat(1, 1, 1, 1)
+    images = torch.cat([image, normal])
+    holes = torch.cat([holes, holes])
+    results = []
+    for passes_per_batch in (1, 5, 100):
+        inpainter = NormalInpainter(normal)
+        results.append(AnomalyMapGenerator("l2", passes_per_batch=passes_per_batch, sigma=0)(inpainter, images, holes))
+        assert max(inpainter.calls) <= max(passes_per_batch, 2)  # bounded batch per call
+        assert sum(inpainter.calls) == 2 * 12  # every pass of every image, once
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0], results[2])
+    expected = ((image - normal) / 2).pow(2).mean(1, keepdim=True)
+    torch.testing.assert_close(results[0][:1], expected)  # superpixels partition: one value per pixel
+
+
+def test_smoothing_and_bad_settings() -> None:
+    spike = torch.zeros(1, 1, 64, 64)
+    spike[..., 32, 32] = 1
+    smoothed = AnomalyMapGenerator(sigma=4).smooth(spike)
+    assert 0 < smoothed.max() < 0.05
+    assert smoothed.sum() == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(ValueError, match="score_measure"):
+        AnomalyMapGenerator("l1")
+    with pytest.raises(ValueError, match="passes_per_batch"):
+        AnomalyMapGenerator(passes_per_batch=0)
