@@ -56,3 +56,28 @@ def test_hole_keys_get_no_attention_and_full_hole_stays_finite() -> None:
     torch.testing.assert_close(weights[0].sum(1), torch.ones(64), rtol=1e-4, atol=1e-4)
     assert torch.isfinite(weights).all()
     assert torch.isfinite(atn(torch.randn(2, 4, 16, 16), high, mask)).all()
+
+
+def test_local_attention_keeps_low_away_from_the_hole_and_budget_is_exact() -> None:
+    torch.manual_seed(0)
+    atn = AttentionTransfer(channels=8, patch_size=3, fuse=False, local=True)
+    low, high = torch.randn(2, 8, 32, 32), torch.randn(2, 12, 16, 16)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[0, :, 8:20, 40:52] = 1
+    mask[1, :, 30:44, 4:16] = 1
+    dense = atn(low, high, mask)
+    far = F.max_pool2d(F.interpolate(mask, size=(32, 32)), 9, stride=1, padding=4) == 0
+    # Away from the hole each query pastes its own patch: fold(unfold(low)) / 4, which is `low`
+    # except on the border, which fewer patches cover (as in full attention).
+    own = F.fold(F.unfold(low, 4, stride=2, padding=1), (32, 32), 4, stride=2, padding=1) / 4
+    torch.testing.assert_close(dense[far.expand_as(dense)], own[far.expand_as(own)])
+    torch.testing.assert_close(own[..., 1:-1, 1:-1], low[..., 1:-1, 1:-1])
+    full = AttentionTransfer(channels=8, patch_size=3, fuse=False)(low, high, mask)
+    hole = F.interpolate(mask, size=(32, 32)) > 0
+    torch.testing.assert_close(dense[hole.expand_as(dense)], full[hole.expand_as(full)])  # same fill in the hole
+    # The near-hole region is 7x7 of 256 positions at most here: a 25% budget computes all of it.
+    atn.query_budget = 0.25
+    torch.testing.assert_close(atn(low, high, mask), dense)
+    # A budget too small for the region changes the result (the test can fail).
+    atn.query_budget = 0.02
+    assert not torch.allclose(atn(low, high, mask), dense)

@@ -24,9 +24,22 @@ def run(args: list[str], cwd: Path) -> str:
 
 
 def tiny_cli_args(tiny_root: Path) -> list[str]:
-    args = ["--data", "MVTecAD", "--data.root", str(tiny_root), "--data.category", "hazelnut_toy",
-            "--data.train_batch_size", "4", "--data.eval_batch_size", "5", "--data.num_workers", "0",
-            "--trainer.accelerator", "cpu"]
+    args = [
+        "--data",
+        "MVTecAD",
+        "--data.root",
+        str(tiny_root),
+        "--data.category",
+        "hazelnut_toy",
+        "--data.train_batch_size",
+        "4",
+        "--data.eval_batch_size",
+        "5",
+        "--data.num_workers",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+    ]
     for key, value in TINY_MODEL_ARGS.items():
         args += [f"--model.{key}", str(list(value) if isinstance(value, tuple) else value)]
     return args
@@ -53,8 +66,18 @@ def test_get_model_by_name_without_import(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("model_name", ["Smai", "smai_plugin.Smai"])
 def test_anomalib_train_by_name(tiny_root: Path, tmp_path: Path, model_name: str) -> None:
-    output = run([ANOMALIB, "train", "--model", model_name, *tiny_cli_args(tiny_root),
-                  "--default_root_dir", str(tmp_path / "results")], cwd=tmp_path)
+    output = run(
+        [
+            ANOMALIB,
+            "train",
+            "--model",
+            model_name,
+            *tiny_cli_args(tiny_root),
+            "--default_root_dir",
+            str(tmp_path / "results"),
+        ],
+        cwd=tmp_path,
+    )
     assert_metrics_printed(output)
     assert list((tmp_path / "results").rglob("*.ckpt"))
 
@@ -65,18 +88,33 @@ def test_anomalib_train_from_yaml(tiny_root: Path, tmp_path: Path, model_entry: 
     model = {"class_path": "smai_plugin.Smai", "init_args": init_args} if model_entry == "class_path" else "Smai"
     config = {
         "model": model,
-        "data": {"class_path": "anomalib.data.MVTecAD",
-                 "init_args": {"root": str(tiny_root), "category": "hazelnut_toy", "train_batch_size": 4,
-                               "eval_batch_size": 5, "num_workers": 0}},
+        "data": {
+            "class_path": "anomalib.data.MVTecAD",
+            "init_args": {
+                "root": str(tiny_root),
+                "category": "hazelnut_toy",
+                "train_batch_size": 4,
+                "eval_batch_size": 5,
+                "num_workers": 0,
+            },
+        },
         "trainer": {"accelerator": "cpu"},
     }
     config_path = tmp_path / "smai.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    extra = [] if model_entry == "class_path" else [
-        arg for key, value in TINY_MODEL_ARGS.items()
-        for arg in (f"--model.{key}", str(list(value) if isinstance(value, tuple) else value))]
-    output = run([ANOMALIB, "train", "--config", str(config_path), *extra,
-                  "--default_root_dir", str(tmp_path / "results")], cwd=tmp_path)
+    extra = (
+        []
+        if model_entry == "class_path"
+        else [
+            arg
+            for key, value in TINY_MODEL_ARGS.items()
+            for arg in (f"--model.{key}", str(list(value) if isinstance(value, tuple) else value))
+        ]
+    )
+    output = run(
+        [ANOMALIB, "train", "--config", str(config_path), *extra, "--default_root_dir", str(tmp_path / "results")],
+        cwd=tmp_path,
+    )
     assert_metrics_printed(output)
 
 
@@ -89,15 +127,34 @@ def test_every_config_parses_and_the_cpu_config_runs(tiny_root: Path, tmp_path: 
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert configs
     for config in configs:
-        cli = AnomalibCLI(["train", "--config", str(config), "--data.root", str(tiny_root),
-                           "--data.category", "hazelnut_toy"], run=False)
+        cli = AnomalibCLI(
+            ["train", "--config", str(config), "--data.root", str(tiny_root), "--data.category", "hazelnut_toy"],
+            run=False,
+        )
         assert isinstance(cli.model, Smai)
         declared = yaml.safe_load(config.read_text())["model"]["init_args"]
         assert cli.model.max_steps == declared["max_steps"]
         assert cli.model.model.masker.n_superpixels == declared["n_superpixels"]
         assert tuple(cli.model.input_size) == tuple(declared["image_size"])
-    output = run([ANOMALIB, "train", "--config", str(REPO / "configs" / "smai_cpu.yaml"),
-                  "--data.root", str(tiny_root), "--data.category", "hazelnut_toy", "--data.num_workers", "0",
-                  "--model.max_steps", "2", "--model.image_size", "[64, 64]",
-                  "--default_root_dir", str(tmp_path / "results")], cwd=tmp_path)
+    output = run(
+        [
+            ANOMALIB,
+            "train",
+            "--config",
+            str(REPO / "configs" / "smai_cpu.yaml"),
+            "--data.root",
+            str(tiny_root),
+            "--data.category",
+            "hazelnut_toy",
+            "--data.num_workers",
+            "0",
+            "--model.max_steps",
+            "2",
+            "--model.image_size",
+            "[64, 64]",
+            "--default_root_dir",
+            str(tmp_path / "results"),
+        ],
+        cwd=tmp_path,
+    )
     assert_metrics_printed(output)

@@ -8,7 +8,8 @@ partition the image, so every pixel gets exactly one value.
 :class:`AnomalyMapGenerator` takes any *pass schedule*: a stack of hole masks, one per
 inpainting pass, each the union of the superpixels scored in that pass. Leave-one-out is the
 schedule with one superpixel per pass. All passes of all images run as batches of at most
-``passes_per_batch`` inpaintings, so memory stays bounded for any number of passes.
+``passes_per_batch`` passes per image (``B * passes_per_batch`` inpaintings per generator call),
+so memory stays bounded for any number of passes.
 
 The image score is the maximum of the anomaly map after Gaussian smoothing (sigma 4, as
 anomalib's reconstruction models use): the smoothing keeps one noisy pixel from deciding the
@@ -60,8 +61,8 @@ class AnomalyMapGenerator(nn.Module):
 
     Args:
         score_measure (ScoreMeasure | str): ``"ssim"`` or ``"l2"``. Defaults to ``"ssim"``.
-        passes_per_batch (int): Most inpaintings run in one generator call; bounds memory.
-            Defaults to ``16``.
+        passes_per_batch (int): Most passes per image in one generator call (the call inpaints
+            ``B * passes_per_batch`` images); bounds memory. Defaults to ``16``.
         sigma (float): Standard deviation of the Gaussian smoothing of the map; ``0`` turns
             smoothing off. Defaults to ``4.0``.
 
@@ -98,10 +99,11 @@ class AnomalyMapGenerator(nn.Module):
 
         """
         batch, n_passes, height, width = holes.shape
-        per_call = max(1, self.passes_per_batch // batch)
         anomaly_map = images.new_zeros(batch, 1, height, width)
-        for start in range(0, n_passes, per_call):
-            chunk = holes[:, start : start + per_call]  # (B, p, H, W)
+        # Chunks follow the number of passes only (fixed by the configuration), never the batch
+        # size, so the loop traces the same for any batch size at export.
+        for start in range(0, n_passes, self.passes_per_batch):
+            chunk = holes[:, start : start + self.passes_per_batch]  # (B, p, H, W)
             n_chunk = chunk.shape[1]
             masks = chunk.reshape(batch * n_chunk, 1, height, width)
             originals = images[:, None].expand(-1, n_chunk, -1, -1, -1).reshape(batch * n_chunk, 3, height, width)

@@ -15,10 +15,19 @@ The public PEN-Net code loops over the batch with per-sample convolution kernels
 step is an ``unfold`` / batched ``matmul`` / ``fold`` so the whole batch runs at once and
 exports to ONNX (opset 18 ``Col2Im``) and OpenVINO.
 
+Local mode (``local=True``, SMAI's fast option): only queries whose patch overlaps the hole
+attend; every other query pastes its own patch, which gives ``low`` back there. Full attention
+nearly does the same far from the hole (a valid query matches itself best), but local mode
+makes the cost follow the hole: with ``query_budget`` below 1, only that share of query
+positions (the near-hole ones first) is computed, a fixed number, so it still exports.
+Training uses the same rule, computed densely, so training and inference agree.
+
 One knowing change from the public code: invalid keys get a large negative score before the
 softmax instead of a zero score, so they add nothing to the softmax denominator (the public
 code lets each add ``exp(0)``, which dilutes attention on small valid sets).
 """
+
+import math
 
 import torch
 from torch import nn
@@ -61,9 +70,13 @@ class AttentionTransfer(nn.Module):
 
     """
 
-    def __init__(self, channels: int, patch_size: int = 3, fuse: bool = True) -> None:
+    def __init__(self, channels: int, patch_size: int = 3, fuse: bool = True, local: bool = False) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.local = local
+        # Share of query positions computed in local mode; 1.0 computes them all. Set for
+        # inference by SmaiModel; training always computes every position.
+        self.query_budget = 1.0
         self.fusion = (
             nn.ModuleList(
                 nn.Sequential(nn.Conv2d(channels, channels // 4, 3, padding=rate, dilation=rate), nn.ReLU())
@@ -73,28 +86,39 @@ class AttentionTransfer(nn.Module):
             else None
         )
 
-    def attention(self, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention of every query position over every key position of ``high``.
+    def attention(
+        self,
+        high: torch.Tensor,
+        mask: torch.Tensor,
+        queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of query positions over every key position of ``high``.
 
         Args:
             high (torch.Tensor): Deeper feature map ``(B, C, h, w)``.
             mask (torch.Tensor): Hole mask ``(B, 1, H, W)`` at any multiple of ``(h, w)``.
+            queries (torch.Tensor | None): Query positions ``(B, Q)`` to compute; all if ``None``.
 
         Returns:
-            torch.Tensor: Attention weights ``(B, h*w queries, h*w keys)``.
+            torch.Tensor: Attention weights ``(B, Q, h*w keys)``.
 
         """
-        pad = self.patch_size // 2
-        patches = F.unfold(high, self.patch_size, padding=pad).transpose(1, 2)  # (B, L, C*k*k)
+        patches = F.unfold(high, self.patch_size, padding=self.patch_size // 2).transpose(1, 2)  # (B, L, C*k*k)
         keys = patches / patches.norm(dim=2, keepdim=True).clamp(min=1e-4)
-        scores = patches @ keys.transpose(1, 2)  # (B, L queries, L keys)
+        if queries is not None:
+            patches = patches.gather(1, queries[..., None].expand(-1, -1, patches.shape[2]))
+        scores = patches @ keys.transpose(1, 2)  # (B, Q, L keys)
         # A key is valid when its k x k patch on the resized mask holds no hole.
-        hole = hole_at(mask, high.shape[-2:])
-        key_has_hole = F.max_pool2d(hole, self.patch_size, stride=1, padding=pad).flatten(1) > 0.5  # (B, L)
-        invalid = key_has_hole[:, None, :]
+        invalid = self.near_hole(mask, high.shape[-2:], self.patch_size)[:, None, :]
         # A large finite negative (not -inf) keeps a map without any valid key free of NaN.
         weights = torch.softmax(scores.masked_fill(invalid, -1e4) * SOFTMAX_SCALE, dim=2)
         return weights.masked_fill(invalid, 0.0).clamp(min=1e-8)
+
+    @staticmethod
+    def near_hole(mask: torch.Tensor, size: tuple[int, int], patch_size: int) -> torch.Tensor:
+        """Positions of a ``size`` map whose ``patch_size`` patch overlaps the hole, ``(B, h*w)``."""
+        hole = hole_at(mask, size)
+        return F.max_pool2d(hole, patch_size, stride=1, padding=patch_size // 2).flatten(1) > 0.5
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Fill ``low`` with attention-weighted patches of itself.
@@ -108,11 +132,34 @@ class AttentionTransfer(nn.Module):
             torch.Tensor: ``(B, C, 2h, 2w)``, replacing ``low`` everywhere.
 
         """
-        weights = self.attention(high, mask)
         # One 4x4 patch of `low` per key position (stride 2, so positions match `high`).
-        low_patches = F.unfold(low, PASTE_KERNEL, stride=PASTE_STRIDE, padding=1)  # (B, C*16, L keys)
-        pasted = low_patches @ weights.transpose(1, 2)  # (B, C*16, L queries)
+        low_patches = F.unfold(low, PASTE_KERNEL, stride=PASTE_STRIDE, padding=1)  # (B, C*16, L)
+        if not self.local:
+            pasted = low_patches @ self.attention(high, mask).transpose(1, 2)
+        else:
+            pasted = self._paste_near_hole(low_patches, high, mask)
         output = F.fold(pasted, low.shape[-2:], PASTE_KERNEL, stride=PASTE_STRIDE, padding=1) / 4.0
         if self.fusion is None:
             return output
         return torch.cat([branch(output) for branch in self.fusion], dim=1)
+
+    def _paste_near_hole(self, low_patches: torch.Tensor, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Local mode: queries near the hole attend; every other query keeps its own patch.
+
+        Pasting its own patch is what a query far from the hole nearly does in full attention
+        (it matches itself best), and folding own patches gives ``low`` back. With
+        ``query_budget < 1`` only that share of positions is computed (the near-hole ones
+        first), which makes the cost follow the hole's size; near-hole queries beyond the
+        budget keep their own patch too.
+        """
+        n_positions = low_patches.shape[2]
+        near = self.near_hole(mask, high.shape[-2:], 3)  # (B, L); 3x3 reaches every paste footprint on the hole
+        n_queries = min(n_positions, max(1, math.ceil(self.query_budget * n_positions)))
+        if n_queries == n_positions:
+            attended = low_patches @ self.attention(high, mask).transpose(1, 2)
+            return torch.where(near[:, None, :], attended, low_patches)
+        queries = near.to(high.dtype).topk(n_queries, dim=1).indices  # (B, Q), near-hole positions first
+        index = queries[:, None, :].expand(-1, low_patches.shape[1], -1)
+        attended = low_patches @ self.attention(high, mask, queries).transpose(1, 2)  # (B, C*16, Q)
+        kept = torch.where(near.gather(1, queries)[:, None, :], attended, low_patches.gather(2, index))
+        return low_patches.scatter(2, index, kept)

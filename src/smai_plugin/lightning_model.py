@@ -24,6 +24,7 @@ From the command line, after ``pip install`` (no import needed)::
 
 """
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,16 +36,21 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from . import _autoload
 from .anomaly_map import ScoreMeasure
+from .data_checks import check_dataloaders, check_dataset
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator
-from .torch_model import ScoringMode, SmaiModel, random_superpixel_holes
+from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel, random_superpixel_holes
 
 __all__ = ["Smai"]
+
+ONNX_OPSET = 18
 
 
 class Smai(AnomalibModule):
@@ -72,8 +78,13 @@ class Smai(AnomalibModule):
         pyramid_weight (float): Pyramid L1 loss weight. Defaults to ``0.5``.
         adversarial_weight (float): Adversarial loss weight. Defaults to ``0.1``.
         ssim_weight (float): SMAI's ``1 - SSIM`` loss weight. Defaults to ``1.0``.
-        passes_per_batch (int): Most inpaintings per generator call when scoring; bounds
-            memory. Defaults to ``16``.
+        passes_per_batch (int): Most passes per image in one generator call when scoring (a
+            call inpaints ``eval_batch_size * passes_per_batch`` images); bounds memory.
+            Defaults to ``16``.
+        local_attention (bool): PEN-Net's attention only from positions near the hole, in
+            training and inference (see :mod:`smai_plugin.attention`). Defaults to ``False``.
+        attention_budget (float): With local attention, share of positions whose attention is
+            computed at inference, in ``(0, 1]``. Defaults to ``1.0``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
             (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
@@ -106,6 +117,8 @@ class Smai(AnomalibModule):
         adversarial_weight: float = 0.1,
         ssim_weight: float = 1.0,
         passes_per_batch: int = 16,
+        local_attention: bool = False,
+        attention_budget: float = 1.0,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -120,6 +133,11 @@ class Smai(AnomalibModule):
         if learning_rate <= 0:
             msg = f"learning_rate must be positive, got {learning_rate}."
             raise ValueError(msg)
+        self._check_sizes(n_superpixels, (image_size or (256, 256)) if pre_processor is True else None)
+        for name, value in (("discriminator_channels", discriminator_channels), ("slic_iterations", slic_iterations)):
+            if value < 1:
+                msg = f"{name} must be at least 1, got {value}."
+                raise ValueError(msg)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
         super().__init__(
@@ -136,6 +154,8 @@ class Smai(AnomalibModule):
             compactness=compactness,
             slic_iterations=slic_iterations,
             passes_per_batch=passes_per_batch,
+            local_attention=local_attention,
+            attention_budget=attention_budget,
         )
         self.discriminator = PenNetDiscriminator(discriminator_channels)
         self.loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)
@@ -169,6 +189,55 @@ class Smai(AnomalibModule):
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
         ]
         return Evaluator(test_metrics=test_metrics)
+
+    @staticmethod
+    def _check_sizes(n_superpixels: int, image_size: tuple[int, int] | None) -> None:
+        """Refuse an ``image_size`` PEN-Net cannot take or with fewer pixels than superpixels."""
+        if image_size is None:  # a custom pre-processor: SmaiModel checks each batch
+            return
+        if len(image_size) != 2 or any(side < SIZE_MULTIPLE or side % SIZE_MULTIPLE for side in image_size):
+            msg = f"image_size must be (height, width), each a positive multiple of {SIZE_MULTIPLE}, got {image_size}."
+            raise ValueError(msg)
+        if n_superpixels > image_size[0] * image_size[1]:
+            msg = (
+                f"n_superpixels ({n_superpixels}) exceeds the {image_size[0] * image_size[1]} pixels of "
+                f"{image_size[0]}x{image_size[1]} images: lower n_superpixels or raise image_size."
+            )
+            raise ValueError(msg)
+
+    @classmethod
+    def checkpoint_safe_globals(cls) -> tuple[type, ...]:
+        """SMAI's enums in ``hyper_parameters``, allowed for anomalib's ``weights_only`` loading."""
+        return (ScoringMode, ScoreMeasure)
+
+    def setup(self, stage: str) -> None:
+        """Let DDP find unused parameters when fitting.
+
+        The discriminator and the generator step after separate backward passes, and the
+        discriminator's does not reach the generator's parameters, so plain DDP would stop
+        with "parameters that were not used in producing the loss".
+        """
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and isinstance(ddp_kwargs, dict):
+            if not ddp_kwargs.get("find_unused_parameters"):
+                rank_zero_info("SMAI: enabling DDP's find_unused_parameters (separate generator/discriminator steps).")
+            ddp_kwargs["find_unused_parameters"] = True
+
+    def on_fit_start(self) -> None:
+        """Check the training and validation files before training (see :mod:`.data_checks`)."""
+        datamodule = self.trainer.datamodule
+        for split in ("train", "val"):
+            dataset = getattr(datamodule, f"{split}_data", None)
+            if dataset is not None:
+                check_dataset(dataset, split)
+
+    def on_test_start(self) -> None:
+        """Check the test files before scoring them."""
+        check_dataloaders(self.trainer.test_dataloaders, "test")
+
+    def on_predict_start(self) -> None:
+        """Check the files to predict before scoring them."""
+        check_dataloaders(self.trainer.predict_dataloaders, "predict")
 
     def on_train_start(self) -> None:
         """Refuse a pre-processor that normalises: PEN-Net needs images in ``[0, 1]``."""
@@ -243,10 +312,30 @@ class Smai(AnomalibModule):
     @staticmethod
     def _check_finite(batch: Batch) -> None:
         """Value checks live here, outside the exported graph (see DESIGN.md)."""
-        if not torch.isfinite(batch.image).all():
+        finite = torch.isfinite(batch.image).flatten(1).all(1)
+        if not finite.all():
+            bad = (~finite).nonzero().flatten().tolist()
             paths = getattr(batch, "image_path", None)
-            msg = f"Input images contain NaN or infinite values{f' ({paths})' if paths else ''}."
+            names = [str(paths[index]) for index in bad] if paths else [f"batch index {index}" for index in bad]
+            msg = f"Input images contain NaN or infinite values: {', '.join(names)}. Check the data and the transforms."
             raise ValueError(msg)
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> Path:
+        """Export to ONNX with opset 18, which PEN-Net's attention needs (``fold`` is ``Col2Im``).
+
+        The graph holds the whole pipeline: resize, superpixels, every inpainting pass, the
+        scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
+        width stay dynamic (the pre-processor resizes to the model's size). Other arguments go
+        to :meth:`anomalib.models.AnomalibModule.to_onnx`.
+        """
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -59,6 +59,8 @@ class PenNetGenerator(nn.Module):
     Args:
         base_channels (int): Width ``c`` of the first encoder level. Defaults to ``32``
             (PEN-Net's, about 10.2 M parameters).
+        local_attention (bool): Attention only from positions near the hole (see
+            :mod:`.attention`); ``False`` is PEN-Net's full attention. Defaults to ``False``.
 
     Raises:
         ValueError: If ``base_channels`` is not a positive multiple of 4 (the fusion splits
@@ -66,7 +68,7 @@ class PenNetGenerator(nn.Module):
 
     """
 
-    def __init__(self, base_channels: int = 32) -> None:
+    def __init__(self, base_channels: int = 32, local_attention: bool = False) -> None:
         super().__init__()
         if base_channels < 4 or base_channels % 4:
             msg = f"base_channels must be a positive multiple of 4, got {base_channels}."
@@ -80,7 +82,8 @@ class PenNetGenerator(nn.Module):
         )
         # attention[i] fills encoder level i+1 (x1..x5) from level i+2.
         self.attention = nn.ModuleList(
-            AttentionTransfer(widths[i], patch_size=3 if i < 4 else 1, fuse=i < 4) for i in range(5)
+            AttentionTransfer(widths[i], patch_size=3 if i < 4 else 1, fuse=i < 4, local=local_attention)
+            for i in range(5)
         )
         # decoder[0] makes u5 from x6; decoder[i] makes u(5-i) from [u(6-i), x(6-i)'].
         self.decoder = nn.ModuleList(
@@ -97,6 +100,18 @@ class PenNetGenerator(nn.Module):
         )
         self.head = nn.Sequential(_conv_relu(2 * c, c), nn.Conv2d(c, 3, 3, padding=1), nn.Tanh())
         init_weights(self)
+
+    def set_query_budget(self, budget: float) -> None:
+        """Share of query positions the local attention computes at the two shallowest levels.
+
+        Those levels hold about 95% of the attention's cost; deeper maps are small, and there
+        the near-hole region is a large share of the map anyway.
+        """
+        if not 0 < budget <= 1:
+            msg = f"The attention budget must be in (0, 1], got {budget}."
+            raise ValueError(msg)
+        for level in self.attention[:2]:
+            level.query_budget = budget
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Inpaint the holes of ``images``.
