@@ -24,6 +24,7 @@ From the command line, after ``pip install`` (no import needed)::
 
 """
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +240,34 @@ class Smai(AnomalibModule):
         """Check the files to predict before scoring them."""
         check_dataloaders(self.trainer.predict_dataloaders, "predict")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also save torch's random state, which draws the holes and shuffles the data."""
+        super().on_save_checkpoint(checkpoint)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        checkpoint["smai_rng_state"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the saved random state for :meth:`on_train_start` of a resumed fit."""
+        super().on_load_checkpoint(checkpoint)
+        self._saved_rng_state = checkpoint.get("smai_rng_state")
+
     def on_train_start(self) -> None:
-        """Refuse a pre-processor that normalises: PEN-Net needs images in ``[0, 1]``."""
+        """Refuse a pre-processor that normalises: PEN-Net needs images in ``[0, 1]``.
+
+        When resuming (``ckpt_path``), also restore the random state saved with the checkpoint,
+        so a resumed run draws the same holes whatever the seed of the new process.
+        """
+        # anomalib's Rich progress bar shows "Epoch i/N" with N estimated from trainer.max_steps,
+        # which counts both optimisers' steps: estimate it from SMAI's iterations instead.
+        bar, batches = self.trainer.progress_bar_callback, self.trainer.num_training_batches
+        if getattr(bar, "est_max_epochs", None) is not None and isinstance(batches, int) and batches > 0:
+            bar.est_max_epochs = math.ceil(self.max_steps / batches)
+        rng_state = getattr(self, "_saved_rng_state", None)
+        if self.trainer.ckpt_path and rng_state is not None:
+            torch.set_rng_state(rng_state["torch"])
+            if rng_state["cuda"] and len(rng_state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng_state["cuda"])
+            self._saved_rng_state = None
         if self.pre_processor and extract_transforms_by_type(self.pre_processor.transform, Normalize):
             msg = "SMAI's pre-processor must not normalise images (SMAI works on [0, 1] RGB): remove Normalize."
             raise ValueError(msg)

@@ -102,6 +102,12 @@ class SuperpixelMasker(nn.Module):
 
         """
         batch, _, height, width = images.shape
+        if self.n_superpixels > height * width:  # shapes only: export sees a constant
+            msg = (
+                f"n_superpixels ({self.n_superpixels}) exceeds the {height * width} pixels of {height}x{width} "
+                "images: lower n_superpixels or use larger images."
+            )
+            raise ValueError(msg)
         rows, cols = superpixel_grid(self.n_superpixels, height, width)
         step = math.sqrt(height * width / (rows * cols))
         # Spatial coordinates are divided by the grid step and scaled by the compactness, so a

@@ -1,0 +1,132 @@
+"""Checks of dataset files that anomalib's data loading gets silently wrong or reports poorly.
+
+anomalib reads every image with ``PIL.Image.open(path).convert("RGB")`` and every mask with
+``convert("L")``; the pre-processor then resizes image and mask together. That is fine for
+8-bit grayscale (copied to three channels), palette and RGBA images (alpha dropped) and for
+16-bit RGB PNGs (Pillow reads them as 8-bit RGB), but:
+
+* a 16- or 32-bit single-channel image (Pillow modes ``I;16``, ``I``, ``F``) is clipped to
+  ``[0, 255]``, so it comes out almost white: a silent wrong answer;
+* a truncated or corrupt file fails with ``OSError: image file is truncated``, which does not
+  name the file;
+* a mask whose size differs from its image's is stretched to the image's size without notice;
+* an empty training folder fails inside the data loader's sampler with
+  ``num_samples should be a positive integer value, but got num_samples=0``.
+
+:func:`check_dataset` refuses all of these with a ``ValueError`` that names the file. The
+Lightning model calls it when fitting, testing and predicting start. It decodes every image
+once, which costs far less than SMAI's scoring of the same images.
+
+Example:
+    >>> from anomalib.data.datasets import MVTecADDataset
+    >>> check_dataset(MVTecADDataset(root="datasets/MVTecAD", category="bottle"), "test")  # doctest: +SKIP
+
+"""
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["HIGH_BIT_DEPTH_MODES", "check_dataloaders", "check_dataset", "check_image_file"]
+
+HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+"""Single-channel Pillow modes that ``convert("RGB")`` clips to 8 bits instead of rescaling."""
+
+
+def _read(path: str | Path, kind: str) -> Image.Image:
+    """Decode the whole file, so truncation shows up here with the file's name."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
+        msg = f"Cannot read {kind} file {path} ({error}). It is missing, truncated or corrupt: replace or remove it."
+        raise ValueError(msg) from error
+
+
+def check_image_file(path: str | Path) -> tuple[int, int]:
+    """Refuse an image file that anomalib cannot read, or would read wrongly.
+
+    Args:
+        path (str | Path): Image file.
+
+    Returns:
+        tuple[int, int]: Width and height of the image.
+
+    Raises:
+        ValueError: If the file cannot be decoded or holds a 16/32-bit single-channel image.
+
+    """
+    image = _read(path, "image")
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        msg = (
+            f"Image {path} has {image.mode!r} pixels (16/32-bit single channel). anomalib reads images as 8-bit "
+            "RGB and would clip it to nearly white. Convert it to 8 bits first, e.g. with Pillow: "
+            "Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)) for 16-bit data."
+        )
+        raise ValueError(msg)
+    return image.size
+
+
+def check_dataset(dataset: Dataset, split: str) -> None:
+    """Check every image (and mask) of an anomalib dataset before SMAI uses it.
+
+    Datasets with a ``samples`` table (anomalib's ``AnomalibDataset``) and with an
+    ``image_filenames`` list (anomalib's ``PredictDataset``) are checked; other datasets are
+    left alone.
+
+    Args:
+        dataset (Dataset): Dataset, possibly wrapped in a ``torch.utils.data.Subset``.
+        split (str): Name of the split, for the messages (``"train"``, ``"val"``, ...).
+
+    Raises:
+        ValueError: If the training split is empty, if a file cannot be decoded, holds a
+            16/32-bit single-channel image, or if a mask's size differs from its image's.
+
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and hasattr(samples, "itertuples"):
+        if split == "train" and len(samples) == 0:
+            where = next(
+                (getattr(dataset, key) for key in ("root_category", "normal_dir", "root") if hasattr(dataset, key)),
+                None,
+            )
+            where = f" in {where}" if where is not None else ""
+            msg = (
+                f"The training set is empty: no images were found{where}. SMAI learns from normal images; put them "
+                "in train/good (MVTecAD layout) or in the Folder datamodule's normal_dir."
+            )
+            raise ValueError(msg)
+        for sample in samples.itertuples():
+            size = check_image_file(sample.image_path)
+            mask_path = getattr(sample, "mask_path", "")
+            if isinstance(mask_path, str | Path) and str(mask_path):
+                mask_size = _read(mask_path, "mask").size
+                if mask_size != size:
+                    msg = (
+                        f"Mask {mask_path} is {mask_size[0]}x{mask_size[1]} (width x height) but its image "
+                        f"{sample.image_path} is {size[0]}x{size[1]}: a mask must have the size of its image."
+                    )
+                    raise ValueError(msg)
+    for path in getattr(dataset, "image_filenames", None) or ():
+        check_image_file(path)
+
+
+def check_dataloaders(dataloaders: DataLoader | Iterable[DataLoader] | None, split: str) -> None:
+    """Run :func:`check_dataset` on the dataset of each data loader.
+
+    Args:
+        dataloaders (DataLoader | Iterable[DataLoader] | None): One loader, several, or ``None``.
+        split (str): Name of the split, for the messages.
+
+    """
+    if dataloaders is None:
+        return
+    for loader in [dataloaders] if isinstance(dataloaders, DataLoader) else dataloaders:
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:
+            check_dataset(dataset, split)
