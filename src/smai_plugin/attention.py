@@ -158,7 +158,9 @@ class AttentionTransfer(nn.Module):
         if n_queries == n_positions:
             attended = low_patches @ self.attention(high, mask).transpose(1, 2)
             return torch.where(near[:, None, :], attended, low_patches)
-        queries = near.to(high.dtype).topk(n_queries, dim=1).indices  # (B, Q), near-hole positions first
+        # Near-hole positions first, then by position: no ties, so every backend picks the same.
+        priority = near.to(high.dtype) * n_positions - torch.arange(n_positions, device=high.device, dtype=high.dtype)
+        queries = priority.topk(n_queries, dim=1).indices  # (B, Q)
         index = queries[:, None, :].expand(-1, low_patches.shape[1], -1)
         attended = low_patches @ self.attention(high, mask, queries).transpose(1, 2)  # (B, C*16, Q)
         kept = torch.where(near.gather(1, queries)[:, None, :], attended, low_patches.gather(2, index))

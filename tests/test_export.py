@@ -1,0 +1,136 @@
+"""Export through anomalib (Torch, ONNX, OpenVINO) and parity of the deployed model with torch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from anomalib.data.utils import read_image
+from anomalib.deploy import ExportType, OpenVINOInferencer, TorchInferencer
+from anomalib.engine import Engine
+
+from smai_plugin import Smai
+
+from .conftest import SHARED_DATA, TINY_MODEL_ARGS, make_tiny_mvtec
+
+pytestmark = pytest.mark.slow
+
+# Stated tolerance of deployed against torch results (float32 everywhere), on the
+# post-processed outputs (scores and maps normalised to [0, 1] by anomalib).
+ATOL = 1e-4
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Smai, Engine, Path]:
+    """A briefly trained SMAI (64x64, grouped scoring, local attention) and the checkpoint path."""
+    from anomalib.data import MVTecAD
+
+    root = make_tiny_mvtec(tmp_path_factory.mktemp("export_data"))
+    work = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = Smai(**TINY_MODEL_ARGS, scoring="grouped", local_attention=True, attention_budget=0.5)
+    engine = Engine(default_root_dir=work, accelerator="cpu", devices=1)
+    datamodule = MVTecAD(root=root, category="hazelnut_toy", train_batch_size=4, eval_batch_size=5, num_workers=0)
+    engine.fit(model=model, datamodule=datamodule)
+    return model.eval(), engine, Path(engine.trainer.checkpoint_callback.best_model_path)
+
+
+def real_test_images(size: int | None = None) -> list[np.ndarray]:
+    """Real defective and good bottle images in [0, 1], HWC float32 (256x256: not the trained 64x64)."""
+    paths = [
+        *sorted((SHARED_DATA / "bottle" / "test" / "broken_large").glob("*.png"))[:2],
+        sorted((SHARED_DATA / "bottle" / "test" / "good").glob("*.png"))[0],
+    ]
+    return [read_image(path, as_tensor=False).astype(np.float32) for path in paths]
+
+
+def torch_reference(model: Smai, image: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        result = model(torch.from_numpy(image).permute(2, 0, 1)[None])
+    return {name: value.numpy() for name, value in result._asdict().items() if value is not None}
+
+
+def assert_parity(outputs: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    np.testing.assert_allclose(outputs["pred_score"].reshape(-1), expected["pred_score"].reshape(-1), atol=ATOL)
+    np.testing.assert_allclose(outputs["anomaly_map"].squeeze(), expected["anomaly_map"].squeeze(), atol=ATOL)
+    assert np.array_equal(np.asarray(outputs["pred_label"]).reshape(-1), expected["pred_label"].reshape(-1))
+
+
+def test_onnx_export_matches_torch_on_real_images_of_another_size(trained, tmp_path: Path) -> None:
+    model, engine, _ = trained
+    path = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    names = [o.name for o in session.get_outputs()]
+    assert {"pred_score", "pred_label", "anomaly_map", "pred_mask"} <= set(names)
+    import onnx
+
+    assert max(op.version for op in onnx.load(str(path)).opset_import if op.domain in ("", "ai.onnx")) == 18
+    batch = np.stack([image.transpose(2, 0, 1) for image in real_test_images()])
+    outputs = dict(zip(names, session.run(None, {"input": batch}), strict=True))
+    for index, image in enumerate(real_test_images()):
+        expected = torch_reference(model, image)
+        assert_parity({name: value[index : index + 1] for name, value in outputs.items()}, expected)
+    # The defective images must not all score like the good one: the maps carry signal.
+    assert outputs["anomaly_map"].shape[-2:] == (64, 64)
+
+
+def test_torch_export_with_torch_inferencer(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, engine, _ = trained
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # anomalib's opt-in for pickled .pt models
+    path = engine.export(model=model, export_type=ExportType.TORCH, export_root=tmp_path)
+    inferencer = TorchInferencer(path=path, device="cpu")
+    image = real_test_images()[0]
+    result = inferencer.predict(torch.from_numpy(image).permute(2, 0, 1))
+    expected = torch_reference(model, image)
+    outputs = {name: getattr(result, name).detach().numpy() for name in ("pred_score", "anomaly_map", "pred_label")}
+    assert_parity(outputs, expected)
+
+
+def test_cli_export_openvino_and_inferencer_parity(trained, tmp_path: Path) -> None:
+    """`anomalib export` from a checkpoint, then anomalib's OpenVINOInferencer on real files."""
+    model, _, checkpoint = trained
+    args = [
+        str(Path(sys.executable).parent / "anomalib"),
+        "export",
+        "--model",
+        "smai_plugin.Smai",
+        "--export_type",
+        "openvino",
+        "--ckpt_path",
+        str(checkpoint),
+        "--export_root",
+        str(tmp_path),
+    ]
+    for key, value in {
+        **TINY_MODEL_ARGS,
+        "scoring": "grouped",
+        "local_attention": True,
+        "attention_budget": 0.5,
+    }.items():
+        args += [f"--model.{key}", str(list(value) if isinstance(value, tuple) else value)]
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "error" not in log.lower(), log[-4000:]
+    xml = next(tmp_path.rglob("model.xml"))
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=F32)
+    paths = [*sorted((SHARED_DATA / "bottle" / "test" / "broken_large").glob("*.png"))[:2]]
+    for path in paths:
+        prediction = inferencer.predict(path)
+        expected = torch_reference(model, read_image(path, as_tensor=False).astype(np.float32))
+        assert_parity(
+            {
+                "pred_score": prediction.pred_score,
+                "anomaly_map": prediction.anomaly_map,
+                "pred_label": prediction.pred_label,
+            },
+            expected,
+        )
