@@ -205,3 +205,12 @@ def test_non_finite_pixels_are_named(root: Path, tmp_path: Path, split: str, val
         run(tiny_model(), loader)
     assert bad in str(error.value)
     assert not any(path in str(error.value) for path in others)  # names only the bad image
+
+
+@pytest.mark.slow
+def test_corrupt_file_in_predict_folder_is_named(root: Path, tmp_path: Path) -> None:
+    folder = root / CATEGORY / "test" / "good"
+    path = sorted(folder.glob("*.png"))[0]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"Cannot read image file {path}"):
+        engine(tmp_path).predict(tiny_model(), data_path=folder)

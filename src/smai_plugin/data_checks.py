@@ -91,11 +91,8 @@ def check_dataset(dataset: Dataset, split: str) -> None:
     samples = getattr(dataset, "samples", None)
     if samples is not None and hasattr(samples, "itertuples"):
         if split == "train" and len(samples) == 0:
-            where = next(
-                (getattr(dataset, key) for key in ("root_category", "normal_dir", "root") if hasattr(dataset, key)),
-                None,
-            )
-            where = f" in {where}" if where is not None else ""
+            folder = next((getattr(dataset, key) for key in ("root_category", "root") if hasattr(dataset, key)), None)
+            where = f" in {folder}" if folder is not None else ""
             msg = (
                 f"The training set is empty: no images were found{where}. SMAI learns from normal images; put them "
                 "in train/good (MVTecAD layout) or in the Folder datamodule's normal_dir."
