@@ -56,4 +56,5 @@ TINY_MODEL_ARGS = {
     "base_channels": 8,
     "discriminator_channels": 8,
     "max_steps": 2,
+    "slic_iterations": 3,
 }
