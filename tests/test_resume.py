@@ -156,5 +156,13 @@ def test_killed_training_resumes_from_checkpoint(tiny_root: Path, tmp_path: Path
 
     # The random state (holes, shuffling) comes from the checkpoint, not from the new process:
     # resuming again after another seed ends with the same weights.
-    _, again, _ = resume(tiny_root, last, tmp_path / "resumed_again", seed=2)
+    again_engine, again, _ = resume(tiny_root, last, tmp_path / "resumed_again", seed=2)
     assert_same(again.state_dict(), model.state_dict(), "state_dict after resuming twice")
+
+    # anomalib's Engine.train (`anomalib train --ckpt_path`) tests with the same ckpt_path, i.e. the
+    # half-trained checkpoint it resumed from, not the model it just trained: SMAI warns.
+    datamodule = MVTecAD(
+        root=tiny_root, category="hazelnut_toy", train_batch_size=4, eval_batch_size=5, num_workers=0, seed=0
+    )
+    with pytest.warns(UserWarning, match=rf"checkpoint of step {killed_at}, not the model .* to step {budget}"):
+        again_engine.test(again, datamodule=datamodule, ckpt_path=last)

@@ -38,7 +38,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
@@ -250,6 +250,15 @@ class Smai(AnomalibModule):
         """Keep the saved random state for :meth:`on_train_start` of a resumed fit."""
         super().on_load_checkpoint(checkpoint)
         self._saved_rng_state = checkpoint.get("smai_rng_state")
+        trainer = self._trainer
+        if trainer is not None and not trainer.training and checkpoint.get("global_step", 0) < trainer.global_step:
+            # anomalib's Engine.train (``anomalib train --ckpt_path``) also tests the checkpoint it resumed from.
+            rank_zero_warn(
+                f"Scoring the checkpoint of step {checkpoint.get('global_step')}, not the model this trainer just "
+                f"trained to step {trainer.global_step}: `anomalib train --ckpt_path` tests the checkpoint it "
+                "resumed from. Resume with `anomalib fit --ckpt_path ...`, then run `anomalib test` on the last "
+                "checkpoint."
+            )
 
     def on_train_start(self) -> None:
         """Refuse a pre-processor that normalises: PEN-Net needs images in ``[0, 1]``.
