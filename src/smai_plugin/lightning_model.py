@@ -60,8 +60,9 @@ class Smai(AnomalibModule):
     Args:
         n_superpixels (int): Superpixels per image, the paper's m. Defaults to ``77``.
         n_masked (int): Superpixels masked per training image, the paper's k. Defaults to ``10``.
-        scoring (ScoringMode | str): Inference schedule: ``"leave_one_out"`` (the paper's).
-            Defaults to ``"leave_one_out"``.
+        scoring (ScoringMode | str): Inference schedule: ``"grouped"`` (non-touching superpixels
+            share a pass, 9 passes) or ``"leave_one_out"`` (the paper's, one pass per
+            superpixel). Defaults to ``"grouped"``.
         score_measure (ScoreMeasure | str): ``"ssim"`` (paper eq. 2) or ``"l2"`` (eq. 3).
             Defaults to ``"ssim"``.
         image_size (tuple[int, int] | None): Size the default pre-processor resizes to; height
@@ -103,7 +104,7 @@ class Smai(AnomalibModule):
         self,
         n_superpixels: int = 77,
         n_masked: int = 10,
-        scoring: ScoringMode | str = ScoringMode.LEAVE_ONE_OUT,
+        scoring: ScoringMode | str = ScoringMode.GROUPED,
         score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
         image_size: tuple[int, int] | None = None,
         base_channels: int = 32,

@@ -110,7 +110,7 @@ class SmaiModel(nn.Module):
 
     Args:
         n_superpixels (int): Superpixels per image (the paper's m). Defaults to ``77``.
-        scoring (ScoringMode | str): Inference schedule. Defaults to ``"leave_one_out"``.
+        scoring (ScoringMode | str): Inference schedule. Defaults to ``"grouped"``.
         score_measure (ScoreMeasure | str): ``"ssim"`` (eq. 2) or ``"l2"`` (eq. 3).
             Defaults to ``"ssim"``.
         base_channels (int): PEN-Net width ``c``. Defaults to ``32``.
@@ -129,7 +129,7 @@ class SmaiModel(nn.Module):
     def __init__(
         self,
         n_superpixels: int = 77,
-        scoring: ScoringMode | str = ScoringMode.LEAVE_ONE_OUT,
+        scoring: ScoringMode | str = ScoringMode.GROUPED,
         score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
         base_channels: int = 32,
         compactness: float = 10.0,
