@@ -110,7 +110,7 @@ def test_benchmark_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
         assert row["image_size"] == "64x64"
         for key in ("image_auroc", "pixel_auroc", "pro", "good_acc", "defect_acc", "mean_acc"):
             assert 0.0 <= float(row[key]) <= 1.0, key
-        for key in ("train_time_s", "infer_ms_per_image", "baseline_rss_mb"):
+        for key in ("train_time_s", "infer_ms_per_image", "cpu_time_s", "baseline_rss_mb"):
             assert float(row[key]) > 0, key
         assert float(row["peak_rss_mb"]) >= float(row["baseline_rss_mb"])
     assert rows[0]["budget"] == f"{TINY_MODEL_ARGS['max_steps']} steps"

@@ -76,6 +76,7 @@ COLUMNS = [
     "mean_acc",
     "train_time_s",
     "infer_ms_per_image",
+    "cpu_time_s",
     "peak_rss_mb",
     "baseline_rss_mb",
     "budget",
@@ -360,18 +361,28 @@ class RunResult:
 
 
 class _Recorder(Callback):
-    """Times validation and test batches and keeps the test outputs.
+    """Times validation and test batches, keeps the test outputs, logs progress.
 
     Trainer callbacks run before the model's own (pre-processor, post-processor, evaluator), so
     a batch's time covers pre-processing and the forward pass; the kept outputs are the very
     objects the post-processor then normalises and thresholds in place.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.val_seconds = 0.0
         self.test_seconds = 0.0
         self.outputs: list[Any] = []
         self._start = 0.0
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger.info("%s: epoch %d done (optimiser steps %d)", self.label, trainer.current_epoch, trainer.global_step)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger.info("%s: validation (fits the thresholds and normalisation)", self.label)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger.info("%s: test", self.label)
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args, **kwargs) -> None:
         self._start = time.perf_counter()
@@ -439,6 +450,12 @@ def _build_model(spec: RunSpec) -> Any:
     return model_class(**init_args, evaluator=_evaluator(), visualizer=False)
 
 
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process and its finished children (data loaders)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -461,6 +478,7 @@ def run_one(spec: RunSpec) -> RunResult:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     baseline_rss = _rss_mb()
+    cpu_start = _cpu_seconds()
     lightning.seed_everything(spec.seed, workers=True, verbose=False)
     spec.work_dir.mkdir(parents=True, exist_ok=True)
     model = _build_model(spec)
@@ -473,7 +491,7 @@ def run_one(spec: RunSpec) -> RunResult:
         val_split_mode=spec.val_split_mode,
         seed=spec.seed,
     )
-    recorder = _Recorder()
+    recorder = _Recorder(f"{spec.name} on {spec.category}")
     engine_args: dict[str, Any] = {"max_epochs": spec.max_epochs} if spec.max_epochs else {}
     engine = Engine(
         default_root_dir=spec.work_dir,
@@ -488,6 +506,7 @@ def run_one(spec: RunSpec) -> RunResult:
     train_seconds = time.perf_counter() - start - recorder.val_seconds
     budget = f"{model.max_steps} steps" if hasattr(model, "max_steps") else f"{engine.trainer.current_epoch} epoch(s)"
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    cpu_seconds = _cpu_seconds() - cpu_start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     image_paths: list[str] = []
@@ -515,6 +534,7 @@ def run_one(spec: RunSpec) -> RunResult:
         "mean_acc": mean_acc,
         "train_time_s": train_seconds,
         "infer_ms_per_image": 1000 * recorder.test_seconds / len(gt),
+        "cpu_time_s": cpu_seconds,
         "peak_rss_mb": peak_rss,
         "baseline_rss_mb": baseline_rss,
         "budget": budget,
@@ -571,7 +591,7 @@ def _format(value: Any, key: str) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
-        if key in {"train_time_s", "infer_ms_per_image", "peak_rss_mb", "baseline_rss_mb"}:
+        if key in {"train_time_s", "infer_ms_per_image", "cpu_time_s", "peak_rss_mb", "baseline_rss_mb"}:
             return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
         return f"{value:.3f}"
     return str(value)
@@ -756,51 +776,64 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for category in config["categories"]:
-        results: dict[str, RunResult] = {}
-        for name in config["models"]:
-            entry = config["model_configs"][name]
-            spec = RunSpec(
-                name=name,
-                class_path=entry["class_path"],
-                init_args=entry["init_args"],
-                root=root,
-                category=category,
-                image_size=_image_size(config["image_size"]),
-                seed=config["seed"],
-                train_batch_size=config["train_batch_size"],
-                eval_batch_size=config["eval_batch_size"],
-                num_workers=config["num_workers"],
-                val_split_mode=config["val_split_mode"],
-                accelerator=config["accelerator"],
-                max_epochs=None if name == SMAI else config["peer_epochs"],
-                work_dir=work_root / category / name,
-            )
-            logger.info("Benchmark: %s on %s ...", name, category)
-            run_start = time.perf_counter()
-            try:
-                result = _run_isolated(spec)
-            except Exception as error:  # one failing model must not stop the others
-                logger.error("Benchmark: %s on %s failed:\n%s", name, category, traceback.format_exc())
-                first_line = str(error).splitlines()[0] if str(error) else ""
-                row = dict.fromkeys(COLUMNS, math.nan)
-                row.update(category=category, model=name, status=f"failed: {type(error).__name__}: {first_line}")
-                row.update(budget="", image_size="", n_test="")
-                rows.append(row)
-            else:
-                results[name] = result
-                rows.append(result.row)
-                logger.info("Benchmark: %s on %s done in %.0f s", name, category, time.perf_counter() - run_start)
-            write_tables(rows, output, _notes(config, time.perf_counter() - started))
-        peers = [name for name in results if name != SMAI]
-        best_peer = max(peers, key=lambda n: results[n].row["image_auroc"], default=None)
-        if results:
-            plot_roc(results, category, output / f"roc_{category}.png")
-            plot_montage(results, best_peer, category, output / f"montage_{category}.png", config["montage_rows"])
-    if not config["keep_runs"]:
-        shutil.rmtree(work_root, ignore_errors=True)
+    try:
+        for category in config["categories"]:
+            results: dict[str, RunResult] = {}
+            for name in config["models"]:
+                result = _run_logged(_spec(config, name, category, work_root), rows)
+                if result is not None:
+                    results[name] = result
+                write_tables(rows, output, _notes(config, time.perf_counter() - started))
+            if results:
+                peers = [name for name in results if name != SMAI]
+                best_peer = max(peers, key=lambda n: results[n].row["image_auroc"], default=None)
+                plot_roc(results, category, output / f"roc_{category}.png")
+                plot_montage(results, best_peer, category, output / f"montage_{category}.png", config["montage_rows"])
+    finally:
+        if not config["keep_runs"]:
+            shutil.rmtree(work_root, ignore_errors=True)
     logger.info("Benchmark written to %s (%.0f s)", output, time.perf_counter() - started)
     return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _spec(config: dict[str, Any], name: str, category: str, work_root: Path) -> RunSpec:
+    """Describe the run of model ``name`` on ``category`` under ``config``."""
+    entry = config["model_configs"][name]
+    return RunSpec(
+        name=name,
+        class_path=entry["class_path"],
+        init_args=entry["init_args"],
+        root=Path(config["root"]),
+        category=category,
+        image_size=_image_size(config["image_size"]),
+        seed=config["seed"],
+        train_batch_size=config["train_batch_size"],
+        eval_batch_size=config["eval_batch_size"],
+        num_workers=config["num_workers"],
+        val_split_mode=config["val_split_mode"],
+        accelerator=config["accelerator"],
+        max_epochs=None if name == SMAI else config["peer_epochs"],
+        work_dir=work_root / category / name,
+    )
+
+
+def _run_logged(spec: RunSpec, rows: list[dict[str, Any]]) -> RunResult | None:
+    """Run ``spec`` in a fresh process and append its row; a failure gives a failed row, not an exception."""
+    logger.info("Benchmark: %s on %s ...", spec.name, spec.category)
+    start = time.perf_counter()
+    try:
+        result = _run_isolated(spec)
+    except Exception as error:  # one failing model must not stop the others
+        logger.error("Benchmark: %s on %s failed:\n%s", spec.name, spec.category, traceback.format_exc())
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        row = dict.fromkeys(COLUMNS, math.nan)
+        row.update(category=spec.category, model=spec.name, budget="", image_size="", n_test="")
+        row["status"] = f"failed: {type(error).__name__}: {first_line}"
+        rows.append(row)
+        return None
+    rows.append(result.row)
+    logger.info("Benchmark: %s on %s done in %.0f s", spec.name, spec.category, time.perf_counter() - start)
+    return result
 
 
 def _notes(config: dict[str, Any], seconds: float) -> list[str]:
@@ -817,7 +850,8 @@ def _notes(config: dict[str, Any], seconds: float) -> list[str]:
         "defect_acc: share of good / defective test images whose post-processed pred_label is right; "
         "mean_acc: their mean (the paper's Table 1).",
         "train_time_s: wall time of Engine.fit minus its validation batches (includes coreset / Gaussian "
-        "fitting). infer_ms_per_image: test batches' wall time (pre-processing and forward pass) per image.",
+        "fitting). infer_ms_per_image: test batches' wall time (pre-processing and forward pass) per image. "
+        "cpu_time_s: CPU seconds (user + system) of the whole fit and test, unaffected by other load.",
         "peak_rss_mb: peak resident memory (resource.getrusage ru_maxrss) of the fresh process that trained "
         "and tested the model; baseline_rss_mb: its RSS (psutil) after imports, before building the model.",
         f"Wall time so far: {seconds / 60:.1f} min; torch threads {torch.get_num_threads()}; "
