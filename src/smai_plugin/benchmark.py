@@ -85,6 +85,8 @@ COLUMNS = [
     "status",
 ]
 
+# Defaults when no --config is given: the paper's SMAI (50,000 steps, 256 px) and anomalib's
+# PatchCore coreset (10%), i.e. GPU-sized; configs/benchmark_cpu.yaml is the CPU preset.
 DEFAULT_CONFIG: dict[str, Any] = {
     "root": "./datasets/MVTecAD",
     "categories": ["bottle"],
@@ -728,7 +730,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="smai-benchmark",
         description="Train and test SMAI and anomalib models on MVTec-layout categories; write tables and plots.",
     )
-    parser.add_argument("--config", type=Path, help="YAML config (e.g. configs/benchmark_cpu.yaml)")
+    parser.add_argument(
+        "--config", type=Path, help="YAML config, e.g. configs/benchmark_cpu.yaml (without: GPU-sized defaults)"
+    )
     parser.add_argument("--root", type=Path, help="dataset root holding the category folders")
     parser.add_argument("--category", nargs="+", action="extend", help="categories (several allowed)")
     parser.add_argument("--output", type=Path, help="output folder")
