@@ -40,12 +40,12 @@ import math
 import multiprocessing
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -578,10 +578,53 @@ def table1_accuracy(gt_labels: np.ndarray, pred_labels: np.ndarray) -> tuple[flo
     return good, defect, (good + defect) / 2
 
 
+class RunFailedError(RuntimeError):
+    """A run failed in its worker process; the message starts with the original exception's type."""
+
+
+def _worker(spec: RunSpec, sender: Any) -> None:
+    """Worker process body: send back ``("ok", result)`` or ``("error", (message, traceback))``."""
+    try:
+        result = run_one(spec)
+    except Exception as error:
+        sender.send(("error", (f"{type(error).__name__}: {error}", traceback.format_exc())))
+    else:
+        sender.send(("ok", result))
+    finally:
+        sender.close()
+
+
 def _run_isolated(spec: RunSpec) -> RunResult:
-    """Run ``run_one`` in a fresh spawned process (own memory peak, no state shared)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_one, spec).result()
+    """Run ``run_one`` in a fresh spawned process (its own memory peak, no shared state).
+
+    The worker is terminated if this process is interrupted (Ctrl-C, SIGTERM) while waiting.
+
+    Raises:
+        RunFailedError: If the run raised, or the worker died (e.g. killed for lack of memory).
+
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_worker, args=(spec, sender), name=f"benchmark-{spec.name}-{spec.category}")
+    process.start()
+    sender.close()
+    try:
+        status, payload = receiver.recv()
+    except EOFError:
+        process.join()
+        msg = f"The worker process died (exit code {process.exitcode}), e.g. killed for lack of memory."
+        raise RunFailedError(msg) from None
+    except BaseException:
+        process.terminate()
+        raise
+    finally:
+        process.join()
+        receiver.close()
+    if status == "error":
+        message, details = payload
+        logger.error("Worker traceback:\n%s", details)
+        raise RunFailedError(message)
+    return payload
 
 
 # --------------------------------------------------------------------------------------------
@@ -777,6 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     work_root = output / "runs" if config["keep_runs"] else Path(tempfile.mkdtemp(prefix="smai_benchmark_"))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `finally` removes the work folder
 
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -798,6 +842,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work_root, ignore_errors=True)
     logger.info("Benchmark written to %s (%.0f s)", output, time.perf_counter() - started)
     return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM into ``SystemExit`` so that clean-up code runs."""
+    del frame
+    sys.exit(128 + signum)
 
 
 def _spec(config: dict[str, Any], name: str, category: str, work_root: Path) -> RunSpec:
@@ -828,11 +878,11 @@ def _run_logged(spec: RunSpec, rows: list[dict[str, Any]]) -> RunResult | None:
     try:
         result = _run_isolated(spec)
     except Exception as error:  # one failing model must not stop the others
-        logger.error("Benchmark: %s on %s failed:\n%s", spec.name, spec.category, traceback.format_exc())
-        first_line = str(error).splitlines()[0] if str(error) else ""
+        logger.error("Benchmark: %s on %s failed: %s", spec.name, spec.category, error)
+        message = str(error) if isinstance(error, RunFailedError) else f"{type(error).__name__}: {error}"
         row = dict.fromkeys(COLUMNS, math.nan)
         row.update(category=spec.category, model=spec.name, budget="", image_size="", n_test="")
-        row["status"] = f"failed: {type(error).__name__}: {first_line}"
+        row["status"] = "failed: " + message.splitlines()[0]
         rows.append(row)
         return None
     rows.append(result.row)
@@ -857,7 +907,9 @@ def _notes(config: dict[str, Any], seconds: float) -> list[str]:
         "fitting). infer_ms_per_image: test batches' wall time (pre-processing and forward pass) per image. "
         "cpu_time_s: CPU seconds (user + system) of the whole fit and test, unaffected by other load.",
         "peak_rss_mb: peak resident memory (resource.getrusage ru_maxrss) of the fresh process that trained "
-        "and tested the model; baseline_rss_mb: its RSS (psutil) after imports, before building the model.",
+        "and tested the model; baseline_rss_mb: its RSS (psutil) after imports, before building the model. "
+        "glibc may keep freed memory: "
+        "PatchCore's greedy coreset loop can add GBs from run to run (MALLOC_MMAP_THRESHOLD_=131072 avoids it).",
         f"Wall time so far: {seconds / 60:.1f} min; torch threads {torch.get_num_threads()}; "
         f"Python {sys.version.split()[0]}, torch {torch.__version__}.",
     ]
