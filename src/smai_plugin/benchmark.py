@@ -355,8 +355,8 @@ class RunResult:
 
     row: dict[str, Any]
     image_paths: list[str] = field(default_factory=list)
-    mask_paths: list[str] = field(default_factory=list)
     gt_labels: np.ndarray | None = None
+    gt_masks: np.ndarray | None = None
     pred_scores: np.ndarray | None = None
     pred_labels: np.ndarray | None = None
     anomaly_maps: np.ndarray | None = None
@@ -512,16 +512,17 @@ def run_one(spec: RunSpec) -> RunResult:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     image_paths: list[str] = []
-    mask_paths: list[str] = []
-    gt_labels, pred_scores, pred_labels, maps = [], [], [], []
+    gt_labels, gt_masks, pred_scores, pred_labels, maps = [], [], [], [], []
     for batch in recorder.outputs:
         image_paths += [str(p) for p in batch.image_path]
-        mask_paths += [str(p) if p else "" for p in (batch.mask_path or [""] * len(batch.image_path))]
         gt_labels.append(batch.gt_label.int().cpu())
         pred_scores.append(batch.pred_score.float().cpu().reshape(-1))
         pred_labels.append(batch.pred_label.int().cpu().reshape(-1))
         anomaly_map = batch.anomaly_map.float().cpu()
         maps.append(anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:]).half())
+        # The masks the metrics saw (anomalib's batch.mask_path is None when a batch starts with a good image).
+        gt_mask = batch.gt_mask if batch.gt_mask is not None else torch.zeros_like(maps[-1])
+        gt_masks.append(gt_mask.cpu().reshape(maps[-1].shape[0], *gt_mask.shape[-2:]).bool())
     gt = torch.cat(gt_labels).numpy()
     labels = torch.cat(pred_labels).numpy()
     good_acc, defect_acc, mean_acc = table1_accuracy(gt, labels)
@@ -547,8 +548,8 @@ def run_one(spec: RunSpec) -> RunResult:
     return RunResult(
         row=row,
         image_paths=image_paths,
-        mask_paths=mask_paths,
         gt_labels=gt,
+        gt_masks=torch.cat(gt_masks).numpy(),
         pred_scores=torch.cat(pred_scores).numpy(),
         pred_labels=labels,
         anomaly_maps=torch.cat(maps).numpy(),
@@ -706,13 +707,15 @@ def _montage_indices(result: RunResult, rows: int) -> list[int]:
     return chosen + good[: rows - len(chosen)]
 
 
-def _load(path: str, size: tuple[int, int], mode: str) -> np.ndarray:
+def _load_image(path: str, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
-    if not path or not Path(path).is_file():  # good images have no mask
-        return np.zeros(size, dtype=np.uint8)
-    resample = Image.BICUBIC if mode == "RGB" else Image.NEAREST
-    return np.asarray(Image.open(path).convert(mode).resize(size[::-1], resample))
+    return np.asarray(Image.open(path).convert("RGB").resize(size[::-1], Image.BICUBIC))
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    tensor = torch.from_numpy(array.astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=size, mode=mode)[0, 0].numpy()
 
 
 def plot_montage(results: dict[str, RunResult], best_peer: str | None, category: str, path: Path, rows: int) -> None:
@@ -735,24 +738,24 @@ def plot_montage(results: dict[str, RunResult], best_peer: str | None, category:
     import matplotlib.pyplot as plt
 
     shown = [name for name in (SMAI, best_peer) if name in results]
-    reference = results[shown[0]]
+    reference = results[max(shown, key=lambda name: results[name].gt_masks.shape[-1])]  # sharpest masks
     indices = _montage_indices(reference, rows)
     size = (256, 256)
     columns = 2 + len(shown)
     figure, axes = plt.subplots(len(indices), columns, figsize=(2.2 * columns, 2.2 * len(indices)), squeeze=False)
+    mask_style = {"cmap": "gray", "vmin": 0, "vmax": 1}
+    map_style = {"cmap": "jet", "vmin": 0, "vmax": 1}
     for row, index in enumerate(indices):
         image_path = reference.image_paths[index]
         panels = [
-            (_load(image_path, size, "RGB"), f"{Path(image_path).parent.name}/{Path(image_path).stem}", {}),
-            (_load(reference.mask_paths[index], size, "L"), "ground truth", {"cmap": "gray", "vmin": 0, "vmax": 255}),
+            (_load_image(image_path, size), f"{Path(image_path).parent.name}/{Path(image_path).stem}", {}),
+            (_resize(reference.gt_masks[index], size, "nearest"), "ground truth", mask_style),
         ]
         for name in shown:
             result = results[name]
             match = result.image_paths.index(image_path)
-            anomaly_map = torch.from_numpy(result.anomaly_maps[match].astype(np.float32))[None, None]
-            anomaly_map = torch.nn.functional.interpolate(anomaly_map, size=size, mode="bilinear")[0, 0].numpy()
-            title = f"{name} score {result.pred_scores[match]:.2f}"
-            panels.append((anomaly_map, title, {"cmap": "jet", "vmin": 0, "vmax": 1}))
+            anomaly_map = _resize(result.anomaly_maps[match], size, "bilinear")
+            panels.append((anomaly_map, f"{name} score {result.pred_scores[match]:.2f}", map_style))
         for axis, (picture, title, style) in zip(axes[row], panels, strict=True):
             axis.imshow(picture, **style)
             axis.set_title(title, fontsize=8)
