@@ -3,9 +3,10 @@
 Builds SMAI from a config (weights do not change the cost), exports it with anomalib's
 OpenVINO export, and times ``--images`` real images through the torch model (``Smai.forward``:
 pre-processing, scoring, post-processing) and through anomalib's ``OpenVINOInferencer`` in
-float32 (the parity setting) and in the CPU's default precision. Example::
+float32 (the parity setting) and in the CPU's default precision. Examples::
 
     python benchmarks/deploy_latency.py --config configs/smai_cpu.yaml --root ../shared/data
+    python benchmarks/deploy_latency.py --config configs/smai.yaml --scoring windowed  # paper size
 """
 
 import argparse
@@ -36,9 +37,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--scoring", help="override the config's scoring")
     args = parser.parse_args()
 
     init_args = yaml.safe_load(args.config.read_text())["model"]["init_args"]
+    if args.scoring:
+        init_args["scoring"] = args.scoring
     model = Smai(**init_args).eval()
     paths = sorted((args.root / args.category / "test").rglob("*.png"))[: args.images]
     images = [read_image(path, as_tensor=False).astype(np.float32) for path in paths]

@@ -96,3 +96,31 @@ def test_torch_model_modes() -> None:
         model(torch.rand(1, 3, 100, 100))
     with pytest.raises(ValueError, match="scoring"):
         SmaiModel(scoring="everything")
+
+
+def test_windowed_training_shows_the_network_what_a_windowed_pass_shows() -> None:
+    torch.manual_seed(0)
+    image = torch.from_numpy(real_image("bottle", "train", 0, size=128).copy()).permute(2, 0, 1).float() / 255
+    images = torch.stack([image, image.flip(-1)])
+    model = SmaiModel(n_superpixels=40, base_channels=8, scoring="windowed", window_size=64)
+    crops, holes = model.training_inputs(images, n_masked=3)
+    assert crops.shape == (6, 3, 64, 64)
+    assert holes.shape == (6, 1, 64, 64)
+    superpixels = model.masker(images)
+    for index, (crop, hole) in enumerate(zip(crops, holes, strict=True)):
+        source = images[index // 3]
+        # The crop is a piece of its image, and the hole is one whole superpixel of that image.
+        found = (source.unfold(1, 64, 1).unfold(2, 64, 1) == crop[:, None, None]).all(0).all(-1).all(-1).nonzero()
+        assert len(found) >= 1
+        top, left = found[0].tolist()
+        pieces = superpixels[index // 3][:, top : top + 64, left : left + 64]
+        matches = [k for k in range(40) if torch.equal(pieces[k], hole[0])]
+        assert len(matches) == 1
+        assert hole.sum() == superpixels[index // 3, matches[0]].sum() > 0
+    # Whole-image training (the paper's) for the other schedules.
+    for scoring in ("leave_one_out", "grouped"):
+        same, holes = SmaiModel(n_superpixels=40, base_channels=8, scoring=scoring).training_inputs(images, 3)
+        assert same is images
+        assert holes.shape == (2, 1, 128, 128)
+    with pytest.raises(ValueError, match="window_size"):
+        SmaiModel(window_size=96)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from smai_plugin.anomaly_map import AnomalyMapGenerator, ScoreMeasure
+from smai_plugin.anomaly_map import AnomalyMapGenerator, ScoreMeasure, window_index
 from smai_plugin.superpixel import SuperpixelMasker
 
 from .conftest import real_image
@@ -72,3 +72,45 @@ def test_smoothing_and_bad_settings() -> None:
         AnomalyMapGenerator("l1")
     with pytest.raises(ValueError, match="passes_per_batch"):
         AnomalyMapGenerator(passes_per_batch=0)
+
+
+class BlankInpainter(nn.Module):
+    """Fills every hole with grey: a pixel's result depends on that pixel only, not on the crop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, ...]] = []
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, list]:
+        self.sizes.append(tuple(images.shape[-2:]))
+        return torch.zeros_like(images), []
+
+
+def test_windowed_passes_inpaint_crops_and_score_like_leave_one_out() -> None:
+    image = image_tensor(128)
+    holes = SuperpixelMasker(n_superpixels=40)((image + 1) / 2)  # superpixels about 20 px wide
+    scorer = AnomalyMapGenerator("l2", passes_per_batch=16, sigma=0)
+    full_inpainter, window_inpainter = BlankInpainter(), BlankInpainter()
+    full = scorer(full_inpainter, image, holes)
+    windowed = scorer(window_inpainter, image, holes, window=(64, 64))
+    assert set(full_inpainter.sizes) == {(128, 128)}
+    assert set(window_inpainter.sizes) == {(64, 64)}  # every pass on a crop, also in the corners
+    extent = [(hole.nonzero().amax(0) - hole.nonzero().amin(0) + 1).max() for hole in holes[0] if hole.any()]
+    assert max(extent) <= 64  # so every superpixel fits its window, and the maps must agree
+    torch.testing.assert_close(windowed, full)
+    # A window narrower than a superpixel scores only the part inside it.
+    narrow = scorer(BlankInpainter(), image, holes, window=(8, 8))
+    assert (narrow <= full + 1e-6).all()
+    assert narrow.sum() < 0.5 * full.sum()
+
+
+def test_window_index_centres_the_crop_on_the_hole_inside_the_image() -> None:
+    holes = torch.zeros(1, 3, 16, 16)
+    holes[0, 0, 6:10, 5:9] = 1  # centre (8, 7)
+    holes[0, 1, 14:16, 14:16] = 1  # bottom-right corner
+    index = window_index(holes, (8, 8)).reshape(3, 8, 8)
+    rows, cols = index // 16, index % 16
+    assert (rows[0, 0, 0].item(), cols[0, 0, 0].item()) == (4, 3)
+    assert (rows[1, -1, -1].item(), cols[1, -1, -1].item()) == (15, 15)  # moved inside the image
+    assert (rows[2, 0, 0].item(), cols[2, 0, 0].item()) == (4, 4)  # empty hole: central crop
+    assert torch.equal(rows[0], rows[0, :, :1].expand(-1, 8))  # row-major, contiguous

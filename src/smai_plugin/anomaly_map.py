@@ -11,6 +11,12 @@ schedule with one superpixel per pass. All passes of all images run as batches o
 ``passes_per_batch`` passes per image (``B * passes_per_batch`` inpaintings per generator call),
 so memory stays bounded for any number of passes.
 
+With a ``window``, each pass inpaints only a ``window``-sized crop centred on its hole's
+bounding box (moved inside the image) instead of the whole image, and its differences are
+added back at the crop's place. That is the fast ``windowed`` schedule: a leave-one-out pass
+costs ``window**2 / (H * W)`` of a full one in the convolutions and the square of that in the
+attention. Hole pixels outside their window (superpixels wider than the window) score 0.
+
 The image score is the maximum of the anomaly map after Gaussian smoothing (sigma 4, as
 anomalib's reconstruction models use): the smoothing keeps one noisy pixel from deciding the
 score, and the smoothed map is what is returned as ``anomaly_map``.
@@ -56,6 +62,67 @@ def dissimilarity(inpainted: torch.Tensor, original: torch.Tensor, measure: Scor
     return ((inpainted - original) / 2).pow(2).mean(1, keepdim=True)
 
 
+def window_index(holes: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Flat pixel indices of the crop of each pass: ``window`` centred on the hole's bounding box.
+
+    The crop is moved inside the image where the centre is too close to a border; an empty
+    hole gets the central crop. A window the size of the image gives every pixel in order.
+
+    Args:
+        holes (torch.Tensor): Hole masks ``(B, P, H, W)``.
+        window (tuple[int, int]): Crop ``(h, w)``, at most ``(H, W)``.
+
+    Returns:
+        torch.Tensor: Indices into the flattened image, ``(B, P, h * w)``, row-major in the crop.
+
+    Example:
+        >>> holes = torch.zeros(1, 1, 8, 8)
+        >>> holes[0, 0, 6:8, 0:2] = 1  # a hole in the bottom-left corner
+        >>> window_index(holes, (4, 4)).reshape(4, 4)[0].tolist()  # crop rows 4..7, columns 0..3
+        [32, 33, 34, 35]
+
+    """
+    height, width = holes.shape[-2:]
+    starts = []
+    for axis, size, side in ((3, height, window[0]), (2, width, window[1])):
+        present = holes.amax(dim=axis) > 0  # (B, P, size): rows (axis 3) or columns (axis 2) the hole touches
+        coords = torch.arange(size, device=holes.device)
+        first = torch.where(present, coords, size).amin(-1)
+        last = torch.where(present, coords, -1).amax(-1)
+        start = torch.div(first + last + 1 - side, 2, rounding_mode="floor")  # empty hole: centred crop
+        starts.append(start.clamp(0, size - side))
+    rows = starts[0][..., None] + torch.arange(window[0], device=holes.device)  # (B, P, h)
+    cols = starts[1][..., None] + torch.arange(window[1], device=holes.device)  # (B, P, w)
+    return (rows[..., :, None] * width + cols[..., None, :]).flatten(2)
+
+
+def crop_passes(
+    images: torch.Tensor,
+    holes: torch.Tensor,
+    window: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut every pass's crop (see :func:`window_index`) out of its image and hole mask.
+
+    Args:
+        images (torch.Tensor): Images ``(B, C, H, W)``.
+        holes (torch.Tensor): Hole masks ``(B, P, H, W)``, ``P`` passes per image.
+        window (tuple[int, int]): Crop ``(h, w)``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: Image crops ``(B * P, C, h, w)`` and hole
+        crops ``(B * P, 1, h, w)``, pass-major within each image, and the crops' flat pixel
+        indices ``(B, P, h * w)`` (to add results back with ``scatter_add``).
+
+    """
+    batch, n_passes = holes.shape[:2]
+    channels = images.shape[1]
+    index = window_index(holes, window)
+    masks = holes.flatten(2).gather(2, index).reshape(batch * n_passes, 1, *window)
+    crops = images.flatten(2).gather(2, index.flatten(1)[:, None, :].expand(-1, channels, -1))
+    crops = crops.reshape(batch, channels, n_passes, *window).transpose(1, 2).reshape(-1, channels, *window)
+    return crops, masks, index
+
+
 class AnomalyMapGenerator(nn.Module):
     """Anomaly map from a schedule of inpainting passes.
 
@@ -85,7 +152,13 @@ class AnomalyMapGenerator(nn.Module):
         self.passes_per_batch = passes_per_batch
         self.sigma = sigma
 
-    def forward(self, generator: nn.Module, images: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        generator: nn.Module,
+        images: torch.Tensor,
+        holes: torch.Tensor,
+        window: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Inpaint every pass and accumulate the in-hole differences.
 
         Args:
@@ -93,27 +166,28 @@ class AnomalyMapGenerator(nn.Module):
             images (torch.Tensor): Images in ``[-1, 1]``, ``(B, 3, H, W)``.
             holes (torch.Tensor): One hole mask per pass, ``(B, P, H, W)``; a pixel's value in
                 the map comes from the passes whose hole covers it.
+            window (tuple[int, int] | None): Crop ``(h, w)`` around its hole that each pass
+                inpaints, at most ``(H, W)``; ``None`` inpaints the whole image. Defaults to ``None``.
 
         Returns:
             torch.Tensor: Anomaly map ``(B, 1, H, W)``.
 
         """
         batch, n_passes, height, width = holes.shape
-        anomaly_map = images.new_zeros(batch, 1, height, width)
+        crop = window or (height, width)
+        anomaly_map = images.new_zeros(batch, height * width)
         # Chunks follow the number of passes only (fixed by the configuration), never the batch
         # size, so the loop traces the same for any batch size at export.
         for start in range(0, n_passes, self.passes_per_batch):
             chunk = holes[:, start : start + self.passes_per_batch]  # (B, p, H, W)
-            n_chunk = chunk.shape[1]
-            masks = chunk.reshape(batch * n_chunk, 1, height, width)
-            originals = images[:, None].expand(-1, n_chunk, -1, -1, -1).reshape(batch * n_chunk, 3, height, width)
+            originals, masks, index = crop_passes(images, chunk, crop)
             output = generator(originals, masks)[0]
             # Compare the composite (original outside the hole), so SSIM windows at the hole's
             # border see only the hole's new content as different.
             composite = originals * (1 - masks) + output * masks
             difference = dissimilarity(composite, originals, self.score_measure) * masks
-            anomaly_map = anomaly_map + difference.reshape(batch, n_chunk, height, width).sum(1, keepdim=True)
-        return self.smooth(anomaly_map)
+            anomaly_map = anomaly_map.scatter_add(1, index.flatten(1), difference.reshape(batch, -1))
+        return self.smooth(anomaly_map.reshape(batch, 1, height, width))
 
     def smooth(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Gaussian smoothing with ``sigma`` (kornia); identity when ``sigma`` is 0."""

@@ -47,7 +47,7 @@ from .anomaly_map import ScoreMeasure
 from .data_checks import check_dataloaders, check_dataset
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator
-from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel, random_superpixel_holes
+from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel
 
 __all__ = ["Smai"]
 
@@ -60,9 +60,12 @@ class Smai(AnomalibModule):
     Args:
         n_superpixels (int): Superpixels per image, the paper's m. Defaults to ``77``.
         n_masked (int): Superpixels masked per training image, the paper's k. Defaults to ``10``.
-        scoring (ScoringMode | str): Inference schedule: ``"grouped"`` (non-touching superpixels
-            share a pass, 9 passes) or ``"leave_one_out"`` (the paper's, one pass per
-            superpixel). Defaults to ``"grouped"``.
+        scoring (ScoringMode | str): Inference schedule: ``"windowed"`` (one pass per superpixel
+            on a ``window_size`` crop around it; training then also learns on such crops),
+            ``"leave_one_out"`` (the paper's, one whole-image pass per superpixel) or
+            ``"grouped"`` (non-touching superpixels share a whole-image pass, 9 passes). Train
+            and score with the same family: windowed, or one of the whole-image two.
+            Defaults to ``"windowed"`` (about 60x faster than leave-one-out at 256x256).
         score_measure (ScoreMeasure | str): ``"ssim"`` (paper eq. 2) or ``"l2"`` (eq. 3).
             Defaults to ``"ssim"``.
         image_size (tuple[int, int] | None): Size the default pre-processor resizes to; height
@@ -87,6 +90,8 @@ class Smai(AnomalibModule):
             training and inference (see :mod:`smai_plugin.attention`). Defaults to ``False``.
         attention_budget (float): With local attention, share of positions whose attention is
             computed at inference, in ``(0, 1]``. Defaults to ``1.0``.
+        window_size (int): With ``scoring="windowed"``, side of the crop around each superpixel
+            that is inpainted, in training and scoring; a multiple of 64. Defaults to ``64``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
             (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
@@ -104,7 +109,7 @@ class Smai(AnomalibModule):
         self,
         n_superpixels: int = 77,
         n_masked: int = 10,
-        scoring: ScoringMode | str = ScoringMode.GROUPED,
+        scoring: ScoringMode | str = ScoringMode.WINDOWED,
         score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
         image_size: tuple[int, int] | None = None,
         base_channels: int = 32,
@@ -121,6 +126,7 @@ class Smai(AnomalibModule):
         passes_per_batch: int = 16,
         local_attention: bool = False,
         attention_budget: float = 1.0,
+        window_size: int = 64,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -158,6 +164,7 @@ class Smai(AnomalibModule):
             passes_per_batch=passes_per_batch,
             local_attention=local_attention,
             attention_budget=attention_budget,
+            window_size=window_size,
         )
         self.discriminator = PenNetDiscriminator(discriminator_channels)
         self.loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)
@@ -301,10 +308,9 @@ class Smai(AnomalibModule):
 
         """
         del args, kwargs
-        images = batch.image
         self._check_finite(batch)
         with torch.no_grad():
-            holes = random_superpixel_holes(self.model.masker(images), self.n_masked)
+            images, holes = self.model.training_inputs(batch.image, self.n_masked)
         output, pyramid = self.model(images, holes)
         originals = images * 2 - 1
         composite = originals * (1 - holes) + output * holes

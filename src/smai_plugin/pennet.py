@@ -126,7 +126,9 @@ class PenNetGenerator(nn.Module):
             ``[-1, 1]`` and the five pyramid outputs, coarse to fine (``H/32`` .. ``H/2``).
 
         """
-        x = torch.cat([images * (1 - masks) + masks, masks], dim=1)
+        # Channels-last: oneDNN's convolutions and bilinear upsampling run several times faster
+        # on CPU in that layout (upsampling ~7x on small maps); results are the same.
+        x = torch.cat([images * (1 - masks) + masks, masks], dim=1).contiguous(memory_format=torch.channels_last)
         features = []
         for layer in self.encoder:
             x = layer(x)
@@ -141,7 +143,7 @@ class PenNetGenerator(nn.Module):
         decoded = self.decoder[0](_up(features[-1]))
         pyramid = []
         for level in reversed(range(5)):
-            skip = torch.cat([decoded, attended[level]], dim=1)
+            skip = torch.cat([decoded, attended[level]], dim=1).contiguous(memory_format=torch.channels_last)
             pyramid.append(self.pyramid[4 - level](skip))
             decoded = self.decoder[5 - level](_up(skip)) if level > 0 else self.head(_up(skip))
         return decoded, pyramid

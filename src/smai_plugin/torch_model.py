@@ -1,14 +1,16 @@
 """PyTorch model of SMAI: a superpixel masker, PEN-Net, and the superpixel scoring.
 
 In train mode the model inpaints a batch under given hole masks (the Lightning model draws
-the holes with :func:`random_superpixel_holes`). In eval mode it takes images and returns
-anomalib's :class:`~anomalib.data.InferenceBatch`: the superpixel masker splits each image,
-the scoring schedule decides which superpixels are masked together in each pass, PEN-Net
-inpaints every pass, and :class:`~smai_plugin.anomaly_map.AnomalyMapGenerator` turns the
-in-hole differences into the anomaly map.
+them with :meth:`SmaiModel.training_inputs`: whole images with random superpixel holes, or
+crops around single superpixels for the windowed schedule). In eval mode it takes images and
+returns anomalib's :class:`~anomalib.data.InferenceBatch`: the superpixel masker splits each
+image, the scoring schedule decides which superpixels are masked together in each pass (and,
+windowed, which crop a pass inpaints), PEN-Net inpaints every pass, and
+:class:`~smai_plugin.anomaly_map.AnomalyMapGenerator` turns the in-hole differences into the
+anomaly map.
 
 Everything in eval mode has shapes fixed by the configuration (``n_superpixels`` masks, a
-fixed number of passes), so the whole pipeline traces for export.
+fixed number of passes, fixed-size crops), so the whole pipeline traces for export.
 
 Example:
     >>> model = SmaiModel(n_superpixels=16, base_channels=8).eval()
@@ -25,7 +27,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from ._config import parse_enum
-from .anomaly_map import AnomalyMapGenerator, ScoreMeasure
+from .anomaly_map import AnomalyMapGenerator, ScoreMeasure, crop_passes
 from .pennet import N_LEVELS, PenNetGenerator
 from .superpixel import SuperpixelMasker, superpixel_grid
 
@@ -39,10 +41,13 @@ class ScoringMode(str, Enum):
     ``grouped``: superpixels whose grid cells are at least ``GROUP_STRIDE`` cells apart in a row
     or column share a pass, so no two neighbours are masked together; about one in nine
     superpixels is masked per pass (roughly what training masks), so 9 passes replace 77.
+    ``windowed``: leave-one-out, but each pass inpaints only a ``window_size`` crop centred on
+    its superpixel (64x64 of a 256x256 image: 1/16 of the convolutions, 1/256 of the attention).
     """
 
     LEAVE_ONE_OUT = "leave_one_out"
     GROUPED = "grouped"
+    WINDOWED = "windowed"
 
 
 GROUP_STRIDE = 3
@@ -82,27 +87,39 @@ def to_signed(images: torch.Tensor) -> torch.Tensor:
     return images * 2 - 1
 
 
-def random_superpixel_holes(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor:
-    """Hole mask made of ``n_masked`` random non-empty superpixels per image (paper, section 3.2).
+def random_superpixels(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor:
+    """Masks of ``n_masked`` random non-empty superpixels per image (paper, section 3.2).
 
     Args:
         superpixels (torch.Tensor): Superpixel masks ``(B, K, H, W)``.
-        n_masked (int): Superpixels to mask per image (fewer if an image has fewer non-empty ones).
+        n_masked (int): Superpixels to draw per image; where an image has fewer non-empty ones,
+            the rest of the draw is empty masks.
 
     Returns:
-        torch.Tensor: Hole masks ``(B, 1, H, W)``.
+        torch.Tensor: The drawn masks ``(B, min(n_masked, K), H, W)``.
 
     Example:
         >>> superpixels = torch.eye(4).reshape(1, 4, 2, 2)  # 4 one-pixel superpixels
-        >>> int(random_superpixel_holes(superpixels, 3).sum())
-        3
+        >>> random_superpixels(superpixels, 3).sum((2, 3)).tolist()
+        [[1.0, 1.0, 1.0]]
 
     """
     non_empty = superpixels.flatten(2).amax(2) > 0  # (B, K)
     priority = torch.rand(non_empty.shape, device=superpixels.device).masked_fill(~non_empty, -1.0)
-    chosen = priority.topk(min(n_masked, superpixels.shape[1]), dim=1).indices
-    selected = torch.zeros_like(non_empty).scatter(1, chosen, True) & non_empty
-    return (superpixels * selected[:, :, None, None].to(superpixels.dtype)).sum(1, keepdim=True)
+    chosen = priority.topk(min(n_masked, superpixels.shape[1]), dim=1).indices  # (B, n)
+    return superpixels.gather(1, chosen[:, :, None, None].expand(-1, -1, *superpixels.shape[-2:]))
+
+
+def random_superpixel_holes(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor:
+    """Hole mask made of ``n_masked`` random non-empty superpixels per image, ``(B, 1, H, W)``.
+
+    Example:
+        >>> superpixels = torch.eye(4).reshape(1, 4, 2, 2)
+        >>> int(random_superpixel_holes(superpixels, 3).sum())
+        3
+
+    """
+    return random_superpixels(superpixels, n_masked).sum(1, keepdim=True)
 
 
 class SmaiModel(nn.Module):
@@ -110,7 +127,8 @@ class SmaiModel(nn.Module):
 
     Args:
         n_superpixels (int): Superpixels per image (the paper's m). Defaults to ``77``.
-        scoring (ScoringMode | str): Inference schedule. Defaults to ``"grouped"``.
+        scoring (ScoringMode | str): Inference schedule (and, for ``"windowed"``, what training
+            shows the network). Defaults to ``"windowed"``.
         score_measure (ScoreMeasure | str): ``"ssim"`` (eq. 2) or ``"l2"`` (eq. 3).
             Defaults to ``"ssim"``.
         base_channels (int): PEN-Net width ``c``. Defaults to ``32``.
@@ -123,13 +141,15 @@ class SmaiModel(nn.Module):
             and inference. Defaults to ``False``.
         attention_budget (float): With local attention, the share of positions whose attention
             is computed at inference. Defaults to ``1.0``.
+        window_size (int): Side of the crop each pass inpaints with ``scoring="windowed"``, a
+            multiple of 64. Defaults to ``64``.
 
     """
 
     def __init__(
         self,
         n_superpixels: int = 77,
-        scoring: ScoringMode | str = ScoringMode.GROUPED,
+        scoring: ScoringMode | str = ScoringMode.WINDOWED,
         score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
         base_channels: int = 32,
         compactness: float = 10.0,
@@ -138,8 +158,13 @@ class SmaiModel(nn.Module):
         sigma: float = 4.0,
         local_attention: bool = False,
         attention_budget: float = 1.0,
+        window_size: int = 64,
     ) -> None:
         super().__init__()
+        if window_size < SIZE_MULTIPLE or window_size % SIZE_MULTIPLE:
+            msg = f"window_size must be a positive multiple of {SIZE_MULTIPLE} (PEN-Net's input), got {window_size}."
+            raise ValueError(msg)
+        self.window_size = window_size
         self.scoring = parse_enum(ScoringMode, scoring, "scoring")
         self.masker = SuperpixelMasker(n_superpixels, compactness, slic_iterations)
         self.generator = PenNetGenerator(base_channels, local_attention)
@@ -196,13 +221,39 @@ class SmaiModel(nn.Module):
                 msg = "In train mode SmaiModel inpaints under given holes: call model(images, holes)."
                 raise ValueError(msg)
             return self.generator(to_signed(images), holes)
-        anomaly_map = self.anomaly_map_generator(self.generator, to_signed(images), self.pass_holes(images))
+        window = self.window(images) if self.scoring == ScoringMode.WINDOWED else None
+        anomaly_map = self.anomaly_map_generator(self.generator, to_signed(images), self.pass_holes(images), window)
         return InferenceBatch(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
+
+    def training_inputs(self, images: torch.Tensor, n_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the training holes, matched to how ``scoring`` will use the generator.
+
+        Whole images with ``n_masked`` random superpixels masked (the paper's training), or,
+        with ``scoring="windowed"``, ``n_masked`` crops per image, each a ``window_size`` crop
+        around one random superpixel that is masked: exactly what a windowed pass sees.
+
+        Args:
+            images (torch.Tensor): RGB images in ``[0, 1]``, ``(B, 3, H, W)``.
+            n_masked (int): Superpixels masked per image.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor]: Images in ``[0, 1]`` and their hole masks.
+
+        """
+        superpixels = self.masker(images)
+        if self.scoring != ScoringMode.WINDOWED:
+            return images, random_superpixel_holes(superpixels, n_masked)
+        crops, holes, _ = crop_passes(images, random_superpixels(superpixels, n_masked), self.window(images))
+        return crops, holes
+
+    def window(self, images: torch.Tensor) -> tuple[int, int]:
+        """Crop of a windowed pass: ``window_size`` square, at most the image."""
+        return min(self.window_size, images.shape[-2]), min(self.window_size, images.shape[-1])
 
     def pass_holes(self, images: torch.Tensor) -> torch.Tensor:
         """Hole mask of every inference pass, ``(B, passes, H, W)``, following ``scoring``."""
         superpixels = self.masker(images)
-        if self.scoring == ScoringMode.LEAVE_ONE_OUT:
+        if self.scoring != ScoringMode.GROUPED:
             return superpixels
         groups = superpixel_groups(superpixels.shape[1], *images.shape[-2:]).to(superpixels)
         return torch.einsum("bkhw,kg->bghw", superpixels, groups)
