@@ -65,7 +65,7 @@ class Smai(AnomalibModule):
             ``"leave_one_out"`` (the paper's, one whole-image pass per superpixel) or
             ``"grouped"`` (non-touching superpixels share a whole-image pass, 9 passes). Train
             and score with the same family: windowed, or one of the whole-image two.
-            Defaults to ``"windowed"`` (about 60x faster than leave-one-out at 256x256).
+            Defaults to ``"windowed"`` (over 50x faster than leave-one-out at 256x256).
         score_measure (ScoreMeasure | str): ``"ssim"`` (paper eq. 2) or ``"l2"`` (eq. 3).
             Defaults to ``"ssim"``.
         image_size (tuple[int, int] | None): Size the default pre-processor resizes to; height
