@@ -6,7 +6,8 @@ pre-processing, scoring, post-processing) and through anomalib's ``OpenVINOInfer
 float32 (the parity setting) and in the CPU's default precision. Examples::
 
     python benchmarks/deploy_latency.py --config configs/smai_cpu.yaml --root ../shared/data
-    python benchmarks/deploy_latency.py --config configs/smai.yaml --scoring windowed  # paper size
+    python benchmarks/deploy_latency.py --config configs/smai.yaml  # paper size (windowed)
+    python benchmarks/deploy_latency.py --config configs/smai.yaml --scoring grouped
 """
 
 import argparse
