@@ -37,7 +37,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 )
 def test_agrees_with_skimage_on_real_images(category: str, split: str, index: int) -> None:
     image = real_image(category, split, index)
-    masker = SuperpixelMasker(n_superpixels=77, compactness=10.0, n_iterations=10)
+    masker = SuperpixelMasker(n_superpixels=77, compactness=10.0, slic_iterations=10)
     ours = masker.labels(to_tensor(image))[0].numpy()
     reference = slic(image, n_segments=77, compactness=10.0, max_num_iter=10, start_label=0)
     # Baseline: the plain grid partition SLIC starts from. Ours must follow skimage's
@@ -68,7 +68,7 @@ def test_grid_never_exceeds_requested_count() -> None:
         assert 1 <= rows * cols <= count
 
 
-@pytest.mark.parametrize("kwargs", [{"n_superpixels": 0}, {"compactness": 0.0}, {"n_iterations": 0}])
+@pytest.mark.parametrize("kwargs", [{"n_superpixels": 0}, {"compactness": 0.0}, {"slic_iterations": 0}])
 def test_rejects_bad_settings(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SuperpixelMasker(**kwargs)

@@ -1,9 +1,28 @@
-"""Validation helpers for configuration values."""
+"""Validation helpers for configuration values: each module checks the values it owns with them."""
 
 from enum import Enum
 from typing import TypeVar
 
 EnumT = TypeVar("EnumT", bound=Enum)
+
+
+def check_int(value: object, name: str, minimum: int = 1, multiple_of: int = 1) -> int:
+    """Refuse anything but a whole number of at least ``minimum`` (and a multiple of ``multiple_of``).
+
+    Example:
+        >>> check_int(64, "window_size", minimum=64, multiple_of=64)
+        64
+        >>> check_int(2.5, "n_superpixels")
+        Traceback (most recent call last):
+        ...
+        ValueError: n_superpixels must be a whole number of at least 1, got 2.5.
+
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple_of:
+        multiple = f", a multiple of {multiple_of}" if multiple_of > 1 else ""
+        msg = f"{name} must be a whole number of at least {minimum}{multiple}, got {value!r}."
+        raise ValueError(msg)
+    return value
 
 
 def parse_enum(enum: type[EnumT], value: EnumT | str, name: str) -> EnumT:

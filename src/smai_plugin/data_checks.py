@@ -70,7 +70,7 @@ def check_image_file(path: str | Path) -> tuple[int, int]:
     return image.size
 
 
-def check_dataset(dataset: Dataset, split: str) -> None:
+def check_dataset(dataset: Dataset, split: str) -> tuple[int, int] | None:
     """Check every image (and mask) of an anomalib dataset before SMAI uses it.
 
     Datasets with a ``samples`` table (anomalib's ``AnomalibDataset``) and with an
@@ -81,6 +81,9 @@ def check_dataset(dataset: Dataset, split: str) -> None:
         dataset (Dataset): Dataset, possibly wrapped in a ``torch.utils.data.Subset``.
         split (str): Name of the split, for the messages (``"train"``, ``"val"``, ...).
 
+    Returns:
+        tuple[int, int] | None: Width and height of the smallest image (by area), if any.
+
     Raises:
         ValueError: If the training split is empty, if a file cannot be decoded, holds a
             16/32-bit single-channel image, or if a mask's size differs from its image's.
@@ -88,6 +91,7 @@ def check_dataset(dataset: Dataset, split: str) -> None:
     """
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
+    sizes = []
     samples = getattr(dataset, "samples", None)
     if samples is not None and hasattr(samples, "itertuples"):
         if split == "train" and len(samples) == 0:
@@ -100,6 +104,7 @@ def check_dataset(dataset: Dataset, split: str) -> None:
             raise ValueError(msg)
         for sample in samples.itertuples():
             size = check_image_file(sample.image_path)
+            sizes.append(size)
             mask_path = getattr(sample, "mask_path", "")
             if isinstance(mask_path, str | Path) and str(mask_path):
                 mask_size = _read(mask_path, "mask").size
@@ -109,21 +114,22 @@ def check_dataset(dataset: Dataset, split: str) -> None:
                         f"{sample.image_path} is {size[0]}x{size[1]}: a mask must have the size of its image."
                     )
                     raise ValueError(msg)
-    for path in getattr(dataset, "image_filenames", None) or ():
-        check_image_file(path)
+    sizes += [check_image_file(path) for path in getattr(dataset, "image_filenames", None) or ()]
+    return min(sizes, key=lambda size: size[0] * size[1], default=None)
 
 
-def check_dataloaders(dataloaders: DataLoader | Iterable[DataLoader] | None, split: str) -> None:
+def check_dataloaders(dataloaders: DataLoader | Iterable[DataLoader] | None, split: str) -> tuple[int, int] | None:
     """Run :func:`check_dataset` on the dataset of each data loader.
 
     Args:
         dataloaders (DataLoader | Iterable[DataLoader] | None): One loader, several, or ``None``.
         split (str): Name of the split, for the messages.
 
+    Returns:
+        tuple[int, int] | None: Width and height of the smallest image (by area), if any.
+
     """
-    if dataloaders is None:
-        return
-    for loader in [dataloaders] if isinstance(dataloaders, DataLoader) else dataloaders:
-        dataset = getattr(loader, "dataset", None)
-        if dataset is not None:
-            check_dataset(dataset, split)
+    loaders = [] if dataloaders is None else [dataloaders] if isinstance(dataloaders, DataLoader) else dataloaders
+    datasets = [loader.dataset for loader in loaders if getattr(loader, "dataset", None) is not None]
+    sizes = [size for size in (check_dataset(dataset, split) for dataset in datasets) if size is not None]
+    return min(sizes, key=lambda size: size[0] * size[1], default=None)

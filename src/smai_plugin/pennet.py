@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torch.nn.utils import spectral_norm
 
+from ._config import check_int
 from .attention import AttentionTransfer
 
 N_LEVELS = 6
@@ -70,9 +71,7 @@ class PenNetGenerator(nn.Module):
 
     def __init__(self, base_channels: int = 32, local_attention: bool = False) -> None:
         super().__init__()
-        if base_channels < 4 or base_channels % 4:
-            msg = f"base_channels must be a positive multiple of 4, got {base_channels}."
-            raise ValueError(msg)
+        check_int(base_channels, "base_channels", minimum=4, multiple_of=4)
         c = base_channels
         widths = [c, 2 * c, 4 * c, 8 * c, 16 * c, 16 * c]
         in_widths = [4, *widths[:-1]]
@@ -164,9 +163,7 @@ class PenNetDiscriminator(nn.Module):
 
     def __init__(self, base_channels: int = 64) -> None:
         super().__init__()
-        if base_channels < 1:
-            msg = f"base_channels must be positive, got {base_channels}."
-            raise ValueError(msg)
+        check_int(base_channels, "discriminator_channels")
         c = base_channels
         layers: list[nn.Module] = []
         for cin, cout, stride in ((3, c, 2), (c, 2 * c, 2), (2 * c, 4 * c, 2), (4 * c, 8 * c, 1)):

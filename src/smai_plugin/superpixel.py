@@ -29,6 +29,8 @@ import torch
 from kornia.color import rgb_to_lab
 from torch import nn
 
+from ._config import check_int
+
 
 def superpixel_grid(n_superpixels: int, height: int, width: int) -> tuple[int, int]:
     """Choose the ``rows x cols`` grid of initial centres.
@@ -66,29 +68,25 @@ class SuperpixelMasker(nn.Module):
         n_superpixels (int): Number of masks per image (the paper's m). Defaults to ``77``.
         compactness (float): Weight of spatial against colour distance, as in
             ``skimage.segmentation.slic``. Defaults to ``10.0``.
-        n_iterations (int): SLIC iterations. Defaults to ``10``.
+        slic_iterations (int): SLIC iterations. Defaults to ``10``.
 
     Example:
-        >>> masker = SuperpixelMasker(n_superpixels=16, n_iterations=5)
+        >>> masker = SuperpixelMasker(n_superpixels=16, slic_iterations=5)
         >>> masker.labels(torch.rand(1, 3, 64, 64)).shape
         torch.Size([1, 64, 64])
 
     """
 
-    def __init__(self, n_superpixels: int = 77, compactness: float = 10.0, n_iterations: int = 10) -> None:
+    def __init__(self, n_superpixels: int = 77, compactness: float = 10.0, slic_iterations: int = 10) -> None:
         super().__init__()
-        if n_superpixels < 1:
-            msg = f"n_superpixels must be at least 1, got {n_superpixels}."
-            raise ValueError(msg)
+        check_int(n_superpixels, "n_superpixels")
         if compactness <= 0:
             msg = f"compactness must be positive, got {compactness}."
             raise ValueError(msg)
-        if n_iterations < 1:
-            msg = f"n_iterations must be at least 1, got {n_iterations}."
-            raise ValueError(msg)
+        check_int(slic_iterations, "slic_iterations")
         self.n_superpixels = n_superpixels
         self.compactness = compactness
-        self.n_iterations = n_iterations
+        self.slic_iterations = slic_iterations
 
     def labels(self, images: torch.Tensor) -> torch.Tensor:
         """Segment images into superpixels.
@@ -142,7 +140,7 @@ class SuperpixelMasker(nn.Module):
         invalid_penalty = (~valid).reshape(1, height * width, 9).to(images.dtype) * 1e10
 
         labels = cell.expand(batch, -1)
-        for _ in range(self.n_iterations):
+        for _ in range(self.slic_iterations):
             candidate_centres = centres[:, candidates]  # (B, HW, 9, 5)
             distance = (features[:, :, None, :] - candidate_centres).pow(2).sum(-1) + invalid_penalty
             labels = torch.gather(candidates.expand(batch, -1, -1), 2, distance.argmin(-1, keepdim=True)).squeeze(2)
