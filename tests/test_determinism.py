@@ -74,7 +74,7 @@ def test_checkpoint_round_trip(trained: tuple[Smai, Engine], tiny_root: Path, tm
     assert path.is_file()
     # Plain torch refuses SMAI's enums under weights_only unless they are allowlisted ...
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert {type(v).__name__ for v in checkpoint["hyper_parameters"].values()} >= {"ScoringMode", "ScoreMeasure"}
+    assert {type(v).__name__ for v in checkpoint["hyper_parameters"].values()} >= {"ScoringMode", "Calibration"}
     # ... which Smai.checkpoint_safe_globals does for anomalib's loaders (weights_only=True by default).
     loaded = Smai.load_from_checkpoint(path, visualizer=False)
     assert_state_dicts_equal(loaded.state_dict(), model.state_dict())

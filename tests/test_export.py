@@ -23,17 +23,28 @@ pytestmark = pytest.mark.slow
 # post-processed outputs (scores and maps normalised to [0, 1] by anomalib).
 ATOL = 1e-4
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+# Grouped passes with local attention, and calibrated msgms and feature maps of the
+# reconstruction: the normal statistics and the feature backbone go into the exported graph.
+EXPORTED_ARGS = {
+    **TINY_MODEL_ARGS,
+    "scoring": "grouped",
+    "local_attention": True,
+    "attention_budget": 0.5,
+    "score_measure": ["msgms", "features"],
+    "comparison": "reconstruction",
+    "calibration": "score",
+}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Smai, Engine, Path]:
-    """A briefly trained SMAI (64x64, grouped scoring, local attention) and the checkpoint path."""
+    """A briefly trained, calibrated SMAI (64x64, see ``EXPORTED_ARGS``) and the checkpoint path."""
     from anomalib.data import MVTecAD
 
     root = make_tiny_mvtec(tmp_path_factory.mktemp("export_data"))
     work = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    model = Smai(**TINY_MODEL_ARGS, scoring="grouped", local_attention=True, attention_budget=0.5)
+    model = Smai(**EXPORTED_ARGS)
     engine = Engine(default_root_dir=work, accelerator="cpu", devices=1)
     datamodule = MVTecAD(root=root, category="hazelnut_toy", train_batch_size=4, eval_batch_size=5, num_workers=0)
     engine.fit(model=model, datamodule=datamodule)
@@ -63,6 +74,7 @@ def assert_parity(outputs: dict[str, np.ndarray], expected: dict[str, np.ndarray
 
 def test_onnx_export_matches_torch_on_real_images_of_another_size(trained, tmp_path: Path) -> None:
     model, engine, _ = trained
+    assert model.model.normal_statistics.is_fitted
     path = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"]
@@ -107,12 +119,7 @@ def test_cli_export_openvino_and_inferencer_parity(trained, tmp_path: Path) -> N
         "--export_root",
         str(tmp_path),
     ]
-    for key, value in {
-        **TINY_MODEL_ARGS,
-        "scoring": "grouped",
-        "local_attention": True,
-        "attention_budget": 0.5,
-    }.items():
+    for key, value in EXPORTED_ARGS.items():
         args += [f"--model.{key}", str(list(value) if isinstance(value, tuple) else value)]
     result = subprocess.run(
         args, capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"}

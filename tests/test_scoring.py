@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from smai_plugin.anomaly_map import AnomalyMapGenerator, ScoreMeasure, window_index
+from smai_plugin.anomaly_map import AnomalyMapGenerator, window_index
+from smai_plugin.similarity import ScoreMeasure
 from smai_plugin.superpixel import SuperpixelMasker
 
 from .conftest import real_image
@@ -28,7 +29,10 @@ def image_tensor(size: int = 128) -> torch.Tensor:
     return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-@pytest.mark.parametrize("measure", list(ScoreMeasure))
+PIXEL_MEASURES = [measure for measure in ScoreMeasure if measure != ScoreMeasure.FEATURES]
+
+
+@pytest.mark.parametrize("measure", PIXEL_MEASURES)
 def test_map_is_high_only_where_the_image_differs_from_normal(measure: ScoreMeasure) -> None:
     normal = image_tensor()
     defective = normal.clone()
@@ -42,6 +46,23 @@ def test_map_is_high_only_where_the_image_differs_from_normal(measure: ScoreMeas
     assert anomaly_map[~defect.roll(6, 0).logical_or(defect.roll(-6, 0)).logical_or(defect)].max() < 0.05
     # A normal image scores zero everywhere.
     assert scorer(NormalInpainter(normal), normal, holes).abs().max() < 1e-5
+
+
+def test_reconstruction_assembles_the_inpainted_superpixels() -> None:
+    normal = image_tensor()
+    defective = normal.clone()
+    defective[:, :, 40:60, 70:90] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    holes = SuperpixelMasker(n_superpixels=40)((defective + 1) / 2)
+    measures = ["ssim", "l2", "msgms", "features"]
+    scorer = AnomalyMapGenerator(measures, comparison="reconstruction", passes_per_batch=7, sigma=0)
+    # Every superpixel inpainted as normal: the reconstruction is the normal image itself.
+    expected = scorer.dissimilarity(normal, defective)
+    torch.testing.assert_close(scorer(NormalInpainter(normal), defective, holes), expected, atol=1e-5, rtol=1e-4)
+    maps = expected[0]
+    assert (maps[:, 45:55, 75:85].mean((1, 2)) > 5 * maps[:, 100:, :30].mean((1, 2))).all()
+    assert scorer(NormalInpainter(normal), normal, holes).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="reconstruction"):
+        AnomalyMapGenerator("features", comparison="per_pass")
 
 
 def test_each_pixel_is_scored_in_its_own_pass_and_chunking_is_invisible() -> None:

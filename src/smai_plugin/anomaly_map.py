@@ -1,9 +1,13 @@
-"""SMAI's scoring: inpaint masked copies of an image and compare them with it inside the holes.
+"""SMAI's scoring: inpaint masked copies of an image and compare the inpaintings with it.
 
 Paper, section 3.3: for each superpixel ``i``, mask it alone, inpaint, and measure how the
 inpainting differs from the original inside superpixel ``i``; the anomaly map is the sum of
 these per-superpixel maps (eq. 2 with ``1 - SSIM``, eq. 3 with ``L2``). The superpixels
-partition the image, so every pixel gets exactly one value.
+partition the image, so every pixel gets exactly one value. That is ``comparison="per_pass"``.
+With ``comparison="reconstruction"`` the in-hole inpaintings of all passes are first assembled
+into one reconstruction of the image, which is then compared with the original as a whole: the
+measures' windows see inpainted content on both sides of a superpixel border instead of a seam
+between an inpainting and the original, and whole-image measures (pretrained features) apply.
 
 :class:`AnomalyMapGenerator` takes any *pass schedule*: a stack of hole masks, one per
 inpainting pass, each the union of the superpixels scored in that pass. Leave-one-out is the
@@ -12,14 +16,15 @@ schedule with one superpixel per pass. All passes of all images run as batches o
 so memory stays bounded for any number of passes.
 
 With a ``window``, each pass inpaints only a ``window``-sized crop centred on its hole's
-bounding box (moved inside the image) instead of the whole image, and its differences are
-added back at the crop's place. That is the fast ``windowed`` schedule: a leave-one-out pass
-costs ``window**2 / (H * W)`` of a full one in the convolutions and the square of that in the
-attention. Hole pixels outside their window (superpixels wider than the window) score 0.
+bounding box (moved inside the image) instead of the whole image, and its results are added
+back at the crop's place. That is the fast ``windowed`` schedule: a leave-one-out pass costs
+``window**2 / (H * W)`` of a full one in the convolutions and the square of that in the
+attention. Hole pixels outside their window (superpixels wider than the window) keep the
+original and score 0.
 
-The image score is the maximum of the anomaly map after Gaussian smoothing (sigma 4, as
-anomalib's reconstruction models use): the smoothing keeps one noisy pixel from deciding the
-score, and the smoothed map is what is returned as ``anomaly_map``.
+The maps (one channel per score measure) are smoothed with a Gaussian (sigma 4, as anomalib's
+reconstruction models use), so that one noisy pixel does not decide an image score; the torch
+model turns them into the anomaly map and the image score (see :mod:`smai_plugin.calibration`).
 
 Example:
     >>> from smai_plugin.pennet import PenNetGenerator
@@ -34,32 +39,15 @@ Example:
 
 """
 
+from collections.abc import Sequence
 from enum import Enum
 
 import torch
 from kornia.filters import gaussian_blur2d
 from torch import nn
 
-from ._config import parse_enum
-from .loss import ssim_map
-
-
-class ScoreMeasure(str, Enum):
-    """How an inpainting is compared with the original (paper, eq. 2 and eq. 3)."""
-
-    SSIM = "ssim"
-    L2 = "l2"
-
-
-def dissimilarity(inpainted: torch.Tensor, original: torch.Tensor, measure: ScoreMeasure) -> torch.Tensor:
-    """Per-pixel difference of two image batches in ``[-1, 1]``, ``(N, 1, H, W)``.
-
-    ``ssim``: ``1 - SSIM`` (11x11 Gaussian window); ``l2``: squared error in ``[0, 1]`` units,
-    averaged over the colour channels.
-    """
-    if measure == ScoreMeasure.SSIM:
-        return 1 - ssim_map(inpainted, original)
-    return ((inpainted - original) / 2).pow(2).mean(1, keepdim=True)
+from ._config import check_int, parse_enum
+from .similarity import Dissimilarity, ScoreMeasure
 
 
 def window_index(holes: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
@@ -123,34 +111,60 @@ def crop_passes(
     return crops, masks, index
 
 
+class Comparison(str, Enum):
+    """What each inpainting is compared with the original as.
+
+    ``per_pass``: the paper's (section 3.3): each pass's inpainting, composited into the
+    original, against the original, inside that pass's hole. ``reconstruction``: the in-hole
+    inpaintings of all passes are assembled into one reconstruction of the image (the
+    superpixels partition it), which is compared with the original as a whole; the measures'
+    windows then see inpainted content on both sides of a superpixel border instead of a seam
+    between original and inpainting.
+    """
+
+    PER_PASS = "per_pass"
+    RECONSTRUCTION = "reconstruction"
+
+
 class AnomalyMapGenerator(nn.Module):
-    """Anomaly map from a schedule of inpainting passes.
+    """Difference maps from a schedule of inpainting passes.
 
     Args:
-        score_measure (ScoreMeasure | str): ``"ssim"`` or ``"l2"``. Defaults to ``"ssim"``.
+        score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): One measure or a
+            list (see :class:`~smai_plugin.similarity.ScoreMeasure`). Defaults to ``"ssim"``.
+        comparison (Comparison | str): ``"per_pass"`` or ``"reconstruction"``; ``features``
+            needs ``"reconstruction"``. Defaults to ``"per_pass"``.
         passes_per_batch (int): Most passes per image in one generator call (the call inpaints
             ``B * passes_per_batch`` images); bounds memory. Defaults to ``16``.
-        sigma (float): Standard deviation of the Gaussian smoothing of the map; ``0`` turns
+        sigma (float): Standard deviation of the Gaussian smoothing of the maps; ``0`` turns
             smoothing off. Defaults to ``4.0``.
 
     """
 
     def __init__(
         self,
-        score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
+        score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str] = ScoreMeasure.SSIM,
+        comparison: Comparison | str = Comparison.PER_PASS,
         passes_per_batch: int = 16,
         sigma: float = 4.0,
     ) -> None:
         super().__init__()
-        self.score_measure = parse_enum(ScoreMeasure, score_measure, "score_measure")
-        if passes_per_batch < 1:
-            msg = f"passes_per_batch must be at least 1, got {passes_per_batch}."
+        self.comparison = parse_enum(Comparison, comparison, "comparison")
+        self.dissimilarity = Dissimilarity(score_measure)
+        if self.comparison == Comparison.PER_PASS and ScoreMeasure.FEATURES in self.dissimilarity.measures:
+            msg = "score_measure 'features' compares whole images: use it with comparison='reconstruction'."
             raise ValueError(msg)
+        check_int(passes_per_batch, "passes_per_batch")
         if sigma < 0:
             msg = f"sigma must be non-negative, got {sigma}."
             raise ValueError(msg)
         self.passes_per_batch = passes_per_batch
         self.sigma = sigma
+
+    @property
+    def measures(self) -> tuple[ScoreMeasure, ...]:
+        """The measures, one map channel each."""
+        return self.dissimilarity.measures
 
     def forward(
         self,
@@ -159,7 +173,7 @@ class AnomalyMapGenerator(nn.Module):
         holes: torch.Tensor,
         window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Inpaint every pass and accumulate the in-hole differences.
+        """Inpaint every pass and compare the inpaintings with the images.
 
         Args:
             generator (nn.Module): Inpainting network, ``generator(images, masks) -> (output, ...)``.
@@ -170,24 +184,36 @@ class AnomalyMapGenerator(nn.Module):
                 inpaints, at most ``(H, W)``; ``None`` inpaints the whole image. Defaults to ``None``.
 
         Returns:
-            torch.Tensor: Anomaly map ``(B, 1, H, W)``.
+            torch.Tensor: Smoothed difference maps ``(B, M, H, W)``, one channel per measure.
 
         """
         batch, n_passes, height, width = holes.shape
         crop = window or (height, width)
-        anomaly_map = images.new_zeros(batch, height * width)
+        per_pass = self.comparison == Comparison.PER_PASS
+        # Per pass: the in-hole differences; reconstruction: the in-hole inpainting and the hole itself.
+        channels = len(self.measures) if per_pass else images.shape[1] + 1
+        total = images.new_zeros(batch, channels, height * width)
         # Chunks follow the number of passes only (fixed by the configuration), never the batch
         # size, so the loop traces the same for any batch size at export.
         for start in range(0, n_passes, self.passes_per_batch):
             chunk = holes[:, start : start + self.passes_per_batch]  # (B, p, H, W)
             originals, masks, index = crop_passes(images, chunk, crop)
             output = generator(originals, masks)[0]
-            # Compare the composite (original outside the hole), so SSIM windows at the hole's
-            # border see only the hole's new content as different.
-            composite = originals * (1 - masks) + output * masks
-            difference = dissimilarity(composite, originals, self.score_measure) * masks
-            anomaly_map = anomaly_map.scatter_add(1, index.flatten(1), difference.reshape(batch, -1))
-        return self.smooth(anomaly_map.reshape(batch, 1, height, width))
+            if per_pass:
+                # The composite (original outside the hole): SSIM windows at the hole's border
+                # see only the hole's new content as different.
+                values = self.dissimilarity(originals * (1 - masks) + output * masks, originals) * masks
+            else:
+                values = torch.cat([output * masks, masks], dim=1)
+            values = values.reshape(batch, -1, channels, values.shape[-2] * values.shape[-1]).transpose(1, 2)
+            total = total.scatter_add(2, index.flatten(1)[:, None].expand(-1, channels, -1), values.flatten(2))
+        total = total.reshape(batch, channels, height, width)
+        if per_pass:
+            return self.smooth(total)
+        inpainted, covered = total[:, :-1], total[:, -1:]
+        # Pixels no pass inpainted (outside every window) keep the original: they score 0.
+        reconstruction = inpainted / covered.clamp(min=1) + images * (covered == 0)
+        return self.smooth(self.dissimilarity(reconstruction, images))
 
     def smooth(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Gaussian smoothing with ``sigma`` (kornia); identity when ``sigma`` is 0."""

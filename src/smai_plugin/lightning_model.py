@@ -6,8 +6,10 @@ BMVC 2020.
 SMAI trains an inpainting network (PEN-Net) on normal images only: each step masks ``n_masked``
 random SLIC superpixels of every image and teaches the network to restore them. At test time
 each superpixel is masked and inpainted in turn; a defect cannot be restored from normal
-context, so the inpainting differs from the original there. The difference inside each
-superpixel (``1 - SSIM`` or ``L2``) forms the anomaly map.
+context, so the inpainting differs from the original there. The difference (``1 - SSIM`` or
+``L2`` as in the paper; by default MSGMS and pretrained-feature distance of the reconstruction
+assembled from the inpainted superpixels) forms the anomaly map, and the image score is
+calibrated against the maps of the normal training images after training.
 
 Example:
     >>> from anomalib.data import MVTecAD
@@ -25,6 +27,8 @@ From the command line, after ``pip install`` (no import needed)::
 """
 
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,7 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.transforms.utils import extract_transforms_by_type
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -40,18 +44,27 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from . import _autoload
-from .anomaly_map import ScoreMeasure
+from ._config import check_int
+from .anomaly_map import Comparison
+from .calibration import Calibration
 from .data_checks import check_dataloaders, check_dataset
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator
+from .similarity import ScoreMeasure
 from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel
 
 __all__ = ["Smai"]
 
 ONNX_OPSET = 18
+MAX_UPSCALING = 4  # per side, before SMAI warns that the images are too small for their image_size
+
+
+def _no_closure() -> None:
+    """Closure of an optimiser step whose gradients are already computed."""
 
 
 class Smai(AnomalibModule):
@@ -66,17 +79,33 @@ class Smai(AnomalibModule):
             ``"grouped"`` (non-touching superpixels share a whole-image pass, 9 passes). Train
             and score with the same family: windowed, or one of the whole-image two.
             Defaults to ``"windowed"`` (over 50x faster than leave-one-out at 256x256).
-        score_measure (ScoreMeasure | str): ``"ssim"`` (paper eq. 2) or ``"l2"`` (eq. 3).
-            Defaults to ``"ssim"``.
-        image_size (tuple[int, int] | None): Size the default pre-processor resizes to; height
-            and width must be multiples of 64. Defaults to ``(256, 256)``, the paper's.
+        score_measure (str | Sequence[str]): How inpainting and
+            original are compared: ``"ssim"`` (paper eq. 2), ``"l2"`` (eq. 3), ``"msgms"``
+            (multi-scale gradient magnitude similarity), ``"features"`` (cosine distance of
+            pretrained EfficientNet-Lite0 features), or a list, averaged after calibration.
+            Defaults to ``["msgms", "features"]``.
+        comparison (Comparison | str): ``"reconstruction"`` (assemble the inpainted
+            superpixels into one image and compare it with the original) or ``"per_pass"``
+            (the paper's: each pass's inpainting against the original inside its hole).
+            Defaults to ``"reconstruction"``.
+        calibration (Calibration | str): Use per-pixel mean and spread of the maps of normal
+            training images, fitted after training (see :mod:`smai_plugin.calibration`):
+            ``"score"`` standardises the maps for the image score and divides the anomaly map
+            by the normal mean residual; ``"map"`` standardises the anomaly map too; ``"none"``
+            keeps raw maps (one measure only). Defaults to ``"score"``.
+        top_k_fraction (float): Image score: mean of this share of the highest pixels of the
+            map it is taken from; ``0`` takes the maximum. Defaults to ``0.01``.
+        image_size (int | tuple[int, int] | None): Size the default pre-processor resizes to
+            (an int: a square); height and width must be multiples of 64. Defaults to
+            ``(256, 256)``, the paper's.
         base_channels (int): PEN-Net generator width. Defaults to ``32`` (PEN-Net's).
         discriminator_channels (int): Discriminator width. Defaults to ``64`` (PEN-Net's).
         compactness (float): SLIC compactness. Defaults to ``10.0``.
         slic_iterations (int): SLIC iterations. Defaults to ``10``.
-        max_steps (int): Training iterations (one generator and one discriminator update
-            each). Lightning counts both optimiser steps, so the trainer gets ``2 * max_steps``.
-            Defaults to ``50000``, the paper's.
+        max_steps (int | None): Training iterations (one generator and one discriminator update
+            each); Lightning's ``global_step`` counts the same iterations. ``None`` leaves the
+            budget to the trainer (``max_steps`` / ``max_epochs``, as for anomalib's built-in
+            models). Defaults to ``None``; the paper trains 50 000 (``configs/smai.yaml``).
         learning_rate (float): Adam learning rate of both networks. Defaults to ``1e-4``.
         hole_weight (float): Hole L1 loss weight. Defaults to ``6.0``.
         valid_weight (float): Valid-region L1 loss weight. Defaults to ``1.0``.
@@ -95,8 +124,10 @@ class Smai(AnomalibModule):
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
             (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
-        evaluator (Evaluator | bool): Evaluator or flag; the default reports image AUROC and
-            F1, pixel AUROC and F1, and PRO (AUPRO up to 30% FPR). Defaults to ``True``.
+        evaluator (Evaluator | bool): Evaluator or flag; the default is anomalib's (image and
+            pixel AUROC and F1), so SMAI's results line up with the built-in models' (also in
+            ``anomalib benchmark``). The configs in ``configs/`` add PRO (AUPRO up to 30% FPR).
+            Defaults to ``True``.
         visualizer (Visualizer | bool): Visualizer or flag. Defaults to ``True``.
 
     Example:
@@ -110,13 +141,16 @@ class Smai(AnomalibModule):
         n_superpixels: int = 77,
         n_masked: int = 10,
         scoring: ScoringMode | str = ScoringMode.WINDOWED,
-        score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
-        image_size: tuple[int, int] | None = None,
+        score_measure: str | Sequence[str] = ("msgms", "features"),
+        comparison: Comparison | str = Comparison.RECONSTRUCTION,
+        calibration: Calibration | str = Calibration.SCORE,
+        top_k_fraction: float = 0.01,
+        image_size: int | tuple[int, int] | None = None,
         base_channels: int = 32,
         discriminator_channels: int = 64,
         compactness: float = 10.0,
         slic_iterations: int = 10,
-        max_steps: int = 50_000,
+        max_steps: int | None = None,
         learning_rate: float = 1e-4,
         hole_weight: float = 6.0,
         valid_weight: float = 1.0,
@@ -132,32 +166,15 @@ class Smai(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if not 1 <= n_masked <= n_superpixels:
-            msg = f"n_masked must be between 1 and n_superpixels ({n_superpixels}), got {n_masked}."
-            raise ValueError(msg)
-        if max_steps < 1:
-            msg = f"max_steps must be at least 1, got {max_steps}."
-            raise ValueError(msg)
-        if learning_rate <= 0:
-            msg = f"learning_rate must be positive, got {learning_rate}."
-            raise ValueError(msg)
-        self._check_sizes(n_superpixels, (image_size or (256, 256)) if pre_processor is True else None)
-        for name, value in (("discriminator_channels", discriminator_channels), ("slic_iterations", slic_iterations)):
-            if value < 1:
-                msg = f"{name} must be at least 1, got {value}."
-                raise ValueError(msg)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size)
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.model = SmaiModel(
+        # The torch modules check the values they own, first; here those of this module and the
+        # checks that span several parameters.
+        model = SmaiModel(
             n_superpixels=n_superpixels,
             scoring=scoring,
             score_measure=score_measure,
+            comparison=comparison,
+            calibration=calibration,
+            top_k_fraction=top_k_fraction,
             base_channels=base_channels,
             compactness=compactness,
             slic_iterations=slic_iterations,
@@ -166,13 +183,46 @@ class Smai(AnomalibModule):
             attention_budget=attention_budget,
             window_size=window_size,
         )
-        self.discriminator = PenNetDiscriminator(discriminator_channels)
-        self.loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)
+        discriminator = PenNetDiscriminator(discriminator_channels)
+        loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)
+        if check_int(n_masked, "n_masked") > n_superpixels:
+            msg = f"n_masked must be between 1 and n_superpixels ({n_superpixels}), got {n_masked}."
+            raise ValueError(msg)
+        if max_steps is not None:
+            check_int(max_steps, "max_steps")
+        if learning_rate <= 0:
+            msg = f"learning_rate must be positive, got {learning_rate}."
+            raise ValueError(msg)
+        if isinstance(image_size, int) and not isinstance(image_size, bool):
+            image_size = (image_size, image_size)  # a square, as anomalib's models read an int size
+        self._check_sizes(n_superpixels, (image_size or (256, 256)) if pre_processor is True else None)
+        if (
+            pre_processor is True
+            and model.scoring == ScoringMode.WINDOWED
+            and window_size > min(image_size or (256, 256))
+        ):
+            rank_zero_warn(
+                f"window_size {window_size} is larger than the {image_size} images: every windowed pass inpaints "
+                "the whole image, which costs as much as leave-one-out scoring. Lower window_size."
+            )
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = model
+        self.discriminator = discriminator
+        self.loss = loss
         self.n_masked = n_masked
         self.max_steps = max_steps
         self.learning_rate = learning_rate
         # A GAN: the generator and the discriminator step in turn.
         self.automatic_optimization = False
+        # Training changes the inpainter, so the normal statistics must be fitted again.
+        self._calibration_stale = False
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -186,18 +236,6 @@ class Smai(AnomalibModule):
 
         """
         return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Image AUROC/F1, pixel AUROC/F1 and PRO (AUPRO up to 30% FPR) on the test set."""
-        test_metrics = [
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
-        ]
-        return Evaluator(test_metrics=test_metrics)
 
     @staticmethod
     def _check_sizes(n_superpixels: int, image_size: tuple[int, int] | None) -> None:
@@ -217,7 +255,7 @@ class Smai(AnomalibModule):
     @classmethod
     def checkpoint_safe_globals(cls) -> tuple[type, ...]:
         """SMAI's enums in ``hyper_parameters``, allowed for anomalib's ``weights_only`` loading."""
-        return (ScoringMode, ScoreMeasure)
+        return (ScoringMode, ScoreMeasure, Comparison, Calibration)
 
     def setup(self, stage: str) -> None:
         """Let DDP find unused parameters when fitting.
@@ -238,26 +276,106 @@ class Smai(AnomalibModule):
         for split in ("train", "val"):
             dataset = getattr(datamodule, f"{split}_data", None)
             if dataset is not None:
-                check_dataset(dataset, split)
+                self._warn_if_upscaled(check_dataset(dataset, split), split)
+
+    def _warn_if_upscaled(self, smallest: tuple[int, int] | None, split: str) -> None:
+        """Warn when the pre-processor enlarges an image more than 4 times per side."""
+        size = self.input_size
+        if smallest is None or size is None:
+            return
+        factor = max(size[0] / smallest[1], size[1] / smallest[0])
+        if factor > MAX_UPSCALING:
+            rank_zero_warn(
+                f"The smallest {split} image is {smallest[0]}x{smallest[1]} (width x height); resized to "
+                f"{size[1]}x{size[0]} it is {factor:.0f} times larger per side and holds little detail to inpaint. "
+                "Use larger images, or a smaller image_size."
+            )
+
+    def on_validation_start(self) -> None:
+        """Calibrate before scoring (see :meth:`calibrate`)."""
+        self.calibrate()
 
     def on_test_start(self) -> None:
-        """Check the test files before scoring them."""
-        check_dataloaders(self.trainer.test_dataloaders, "test")
+        """Check the test files, calibrate if needed, then score."""
+        self._warn_if_upscaled(check_dataloaders(self.trainer.test_dataloaders, "test"), "test")
+        self.calibrate()
 
     def on_predict_start(self) -> None:
-        """Check the files to predict before scoring them."""
-        check_dataloaders(self.trainer.predict_dataloaders, "predict")
+        """Check the files to predict, calibrate if needed, then score."""
+        self._warn_if_upscaled(check_dataloaders(self.trainer.predict_dataloaders, "predict"), "predict")
+        self.calibrate()
+
+    def calibrate(self) -> None:
+        """Fit the normal statistics on the training images, when they are missing or stale.
+
+        Runs when scoring starts (validation, test, predict) if the model calibrates and its
+        statistics are missing or older than its weights. Only the datamodule's training split
+        is scored (never the validation or test images), in order and without shuffling, at the
+        evaluation batch size; every process scores all of it, so all hold the same statistics.
+
+        Raises:
+            ValueError: If statistics are needed and there are no training images to fit them on.
+
+        """
+        statistics = self.model.normal_statistics
+        if self.model.calibration == Calibration.NONE or (statistics.is_fitted and not self._calibration_stale):
+            return
+        datamodule = self.trainer.datamodule
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None or len(dataset) == 0:
+            if statistics.is_fitted:
+                rank_zero_warn("SMAI: no training images to calibrate on; keeping the statistics from before training.")
+                return
+            msg = (
+                "SMAI calibrates its anomaly maps on the normal training images before scoring, but this model "
+                "has no statistics and no training images are available: fit it first, load the checkpoint of a "
+                "fitted model, or pass a datamodule that has the training images."
+            )
+            raise ValueError(msg)
+        loader = DataLoader(
+            dataset,
+            batch_size=datamodule.eval_batch_size,
+            shuffle=False,
+            num_workers=datamodule.num_workers,
+            collate_fn=dataset.collate_fn,
+        )
+        rank_zero_info(f"SMAI: calibrating on the {len(dataset)} normal training images.")
+        self.model.calibrate(self._calibration_images(batch) for batch in loader)
+        self._calibration_stale = False
+
+    def _map_settings(self) -> dict[str, Any]:
+        """Collect the torch model's map settings and the image size the pre-processor resizes to."""
+        size = self.input_size
+        return {**self.model.map_settings(), "image_size": None if size is None else [int(side) for side in size]}
+
+    def _calibration_images(self, batch: Batch) -> torch.Tensor:
+        """Prepare a training batch as the model scores it: on its device, through the pre-processor."""
+        images = batch.image.to(self.device)
+        self._check_finite(batch)
+        return self.pre_processor.transform(images) if self.pre_processor else images
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also save torch's random state, which draws the holes and shuffles the data."""
+        """Also save torch's random state and whether the normal statistics are stale.
+
+        The random state draws the holes and shuffles the data; the statistics are stale in a
+        checkpoint saved during training, before the calibration that follows it.
+        """
         super().on_save_checkpoint(checkpoint)
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         checkpoint["smai_rng_state"] = {"torch": torch.get_rng_state(), "cuda": cuda}
+        checkpoint["smai_calibration_stale"] = self._calibration_stale
+        # The settings the statistics were fitted under (``hyper_parameters`` take overrides on loading).
+        checkpoint["smai_map_settings"] = self._map_settings()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the saved random state for :meth:`on_train_start` of a resumed fit."""
         super().on_load_checkpoint(checkpoint)
         self._saved_rng_state = checkpoint.get("smai_rng_state")
+        saved, current = checkpoint.get("smai_map_settings", {}), self._map_settings()
+        changed = [name for name, value in saved.items() if current.get(name) != value]
+        self._calibration_stale = bool(checkpoint.get("smai_calibration_stale", False)) or bool(changed)
+        if changed and self.model.calibration != Calibration.NONE:
+            rank_zero_info(f"SMAI: {', '.join(changed)} changed since the checkpoint; calibrating again.")
         trainer = self._trainer
         if trainer is not None and not trainer.training and checkpoint.get("global_step", 0) < trainer.global_step:
             # anomalib's Engine.train (``anomalib train --ckpt_path``) also tests the checkpoint it resumed from.
@@ -269,16 +387,16 @@ class Smai(AnomalibModule):
             )
 
     def on_train_start(self) -> None:
-        """Refuse a pre-processor that normalises: PEN-Net needs images in ``[0, 1]``.
+        """Validate after the last iteration; refuse a pre-processor that normalises.
 
-        When resuming (``ckpt_path``), also restore the random state saved with the checkpoint,
-        so a resumed run draws the same holes whatever the seed of the new process.
+        Scoring is costly (many inpaintings per image), so validation, which calibrates and
+        fits the post-processor's thresholds, runs once, after the last iteration of the
+        budget (the model's ``max_steps`` or the trainer's ``max_steps`` / ``max_epochs``),
+        rather than every epoch. PEN-Net needs images in ``[0, 1]``. When resuming
+        (``ckpt_path``), the random state saved with the checkpoint is restored, so a resumed
+        run draws the same holes whatever the seed of the new process.
         """
-        # anomalib's Rich progress bar shows "Epoch i/N" with N estimated from trainer.max_steps,
-        # which counts both optimisers' steps: estimate it from SMAI's iterations instead.
-        bar, batches = self.trainer.progress_bar_callback, self.trainer.num_training_batches
-        if getattr(bar, "est_max_epochs", None) is not None and isinstance(batches, int) and batches > 0:
-            bar.est_max_epochs = math.ceil(self.max_steps / batches)
+        self.trainer.val_check_batch = self._last_iteration()
         rng_state = getattr(self, "_saved_rng_state", None)
         if self.trainer.ckpt_path and rng_state is not None:
             torch.set_rng_state(rng_state["torch"])
@@ -309,6 +427,7 @@ class Smai(AnomalibModule):
         """
         del args, kwargs
         self._check_finite(batch)
+        self._calibration_stale = self.model.calibration != Calibration.NONE
         with torch.no_grad():
             images, holes = self.model.training_inputs(batch.image, self.n_masked)
         output, pyramid = self.model(images, holes)
@@ -321,7 +440,9 @@ class Smai(AnomalibModule):
         )
         discriminator_optimizer.zero_grad()
         self.manual_backward(discriminator_loss)
-        discriminator_optimizer.step()
+        # One iteration updates both networks, but Lightning counts every optimiser step: the
+        # discriminator steps past that counter, so global_step and max_steps count iterations.
+        self.trainer.strategy.optimizer_step(discriminator_optimizer.optimizer, closure=_no_closure)
 
         terms = self.loss(originals, holes, output, pyramid, self.discriminator(composite))
         generator_optimizer.zero_grad()
@@ -354,7 +475,7 @@ class Smai(AnomalibModule):
 
     @staticmethod
     def _check_finite(batch: Batch) -> None:
-        """Value checks live here, outside the exported graph (see DESIGN.md)."""
+        """Refuse NaN or infinite pixels; a check on values, so it lives outside the exported graph."""
         finite = torch.isfinite(batch.image).flatten(1).all(1)
         if not finite.all():
             bad = (~finite).nonzero().flatten().tolist()
@@ -377,24 +498,49 @@ class Smai(AnomalibModule):
         width stay dynamic (the pre-processor resizes to the model's size). Other arguments go
         to :meth:`anomalib.models.AnomalibModule.to_onnx`.
         """
+        self._check_calibrated()
         kwargs.setdefault("opset_version", ONNX_OPSET)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
+    def to_torch(self, *args, **kwargs) -> Path:
+        """Export to Torch (:meth:`anomalib.models.AnomalibModule.to_torch`), once calibrated."""
+        self._check_calibrated()
+        return super().to_torch(*args, **kwargs)
+
+    def _check_calibrated(self) -> None:
+        """Refuse to export a calibrating model whose statistics are missing or stale."""
+        uncalibrated = self._calibration_stale or not self.model.normal_statistics.is_fitted
+        if self.model.calibration != Calibration.NONE and uncalibrated:
+            msg = (
+                "SMAI's normal statistics are missing or older than its weights, so the export would score "
+                "without them: export after fitting (validation calibrates), or from a checkpoint saved at the end "
+                "of training."
+            )
+            raise ValueError(msg)
+
+    def _last_iteration(self) -> int:
+        """Count the iterations after which training stops (a huge number when unbounded)."""
+        trainer = self.trainer
+        bounds = [trainer.max_steps] if trainer.max_steps >= 0 else []
+        per_epoch = trainer.num_training_batches
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(per_epoch):
+            bounds.append(trainer.max_epochs * int(per_epoch))
+        # Unbounded (max_time only): Lightning validates when it stops the run.
+        return max(1, min(bounds)) if bounds else sys.maxsize
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """Train by steps and validate once, at the end.
+        """The model's iteration budget, if set, and validation once, after training.
 
-        Scoring is costly (many inpaintings per image), so validation, which fits the
-        post-processor's thresholds, runs once after the last training step rather than
-        every epoch.
+        With ``max_steps`` set on the model, the trainer runs exactly that many iterations;
+        otherwise the trainer's own ``max_steps`` / ``max_epochs`` apply, as for anomalib's
+        built-in models. ``val_check_interval`` is replaced by the last iteration when
+        training starts (see :meth:`on_train_start`).
         """
-        return {
-            "max_steps": 2 * self.max_steps,
-            "max_epochs": -1,
-            "check_val_every_n_epoch": None,
-            "val_check_interval": self.max_steps,
-            "num_sanity_val_steps": 0,
-        }
+        budget = {} if self.max_steps is None else {"max_steps": self.max_steps, "max_epochs": -1}
+        # val_check_interval: any whole number (counted in batches, across epochs); on_train_start sets it.
+        validation = {"check_val_every_n_epoch": None, "val_check_interval": sys.maxsize, "num_sanity_val_steps": 0}
+        return {**budget, **validation}
 
     @property
     def learning_type(self) -> LearningType:

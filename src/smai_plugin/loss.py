@@ -23,21 +23,10 @@ Example:
 """
 
 import torch
-from kornia.metrics import ssim
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-SSIM_WINDOW = 11
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Map images from ``[-1, 1]`` to ``[0, 1]``."""
-    return (images + 1) / 2
-
-
-def ssim_map(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Per-pixel SSIM of two image batches in ``[-1, 1]``, averaged over channels: ``(B, 1, H, W)``."""
-    return ssim(to_unit_range(first), to_unit_range(second), SSIM_WINDOW, max_val=1.0).mean(1, keepdim=True)
+from .similarity import ssim_map
 
 
 class SmaiLoss(nn.Module):

@@ -5,9 +5,11 @@ them with :meth:`SmaiModel.training_inputs`: whole images with random superpixel
 crops around single superpixels for the windowed schedule). In eval mode it takes images and
 returns anomalib's :class:`~anomalib.data.InferenceBatch`: the superpixel masker splits each
 image, the scoring schedule decides which superpixels are masked together in each pass (and,
-windowed, which crop a pass inpaints), PEN-Net inpaints every pass, and
-:class:`~smai_plugin.anomaly_map.AnomalyMapGenerator` turns the in-hole differences into the
-anomaly map.
+windowed, which crop a pass inpaints), PEN-Net inpaints every pass,
+:class:`~smai_plugin.anomaly_map.AnomalyMapGenerator` compares the inpaintings with the image
+(one difference map per score measure), and the normal statistics of
+:mod:`smai_plugin.calibration` (fitted by :meth:`SmaiModel.calibrate`) turn the maps into the
+anomaly map and the image score.
 
 Everything in eval mode has shapes fixed by the configuration (``n_superpixels`` masks, a
 fixed number of passes, fixed-size crops), so the whole pipeline traces for export.
@@ -20,15 +22,19 @@ Example:
 
 """
 
+from collections.abc import Iterable, Sequence
 from enum import Enum
+from typing import Any
 
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from ._config import parse_enum
-from .anomaly_map import AnomalyMapGenerator, ScoreMeasure, crop_passes
+from ._config import check_int, parse_enum
+from .anomaly_map import AnomalyMapGenerator, Comparison, crop_passes
+from .calibration import Calibration, NormalStatistics
 from .pennet import N_LEVELS, PenNetGenerator
+from .similarity import ScoreMeasure
 from .superpixel import SuperpixelMasker, superpixel_grid
 
 SIZE_MULTIPLE = 2**N_LEVELS
@@ -129,8 +135,17 @@ class SmaiModel(nn.Module):
         n_superpixels (int): Superpixels per image (the paper's m). Defaults to ``77``.
         scoring (ScoringMode | str): Inference schedule (and, for ``"windowed"``, what training
             shows the network). Defaults to ``"windowed"``.
-        score_measure (ScoreMeasure | str): ``"ssim"`` (eq. 2) or ``"l2"`` (eq. 3).
-            Defaults to ``"ssim"``.
+        score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): ``"ssim"`` (eq. 2),
+            ``"l2"`` (eq. 3), ``"msgms"``, ``"features"``, or a list of them (averaged after
+            calibration). Defaults to ``"ssim"``.
+        comparison (Comparison | str): ``"per_pass"`` (the paper's) or ``"reconstruction"``
+            (see :class:`~smai_plugin.anomaly_map.Comparison`). Defaults to ``"per_pass"``.
+        calibration (Calibration | str): ``"none"``, ``"score"`` or ``"map"``: whether the image
+            score, or the map and the score, are standardised with per-pixel statistics of
+            normal maps (see :mod:`smai_plugin.calibration`; fitted by :meth:`calibrate`).
+            Defaults to ``"none"``.
+        top_k_fraction (float): Image score: mean of this share of the map's highest pixels;
+            ``0`` takes the maximum. Defaults to ``0.0``.
         base_channels (int): PEN-Net width ``c``. Defaults to ``32``.
         compactness (float): SLIC compactness. Defaults to ``10.0``.
         slic_iterations (int): SLIC iterations. Defaults to ``10``.
@@ -150,7 +165,10 @@ class SmaiModel(nn.Module):
         self,
         n_superpixels: int = 77,
         scoring: ScoringMode | str = ScoringMode.WINDOWED,
-        score_measure: ScoreMeasure | str = ScoreMeasure.SSIM,
+        score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str] = ScoreMeasure.SSIM,
+        comparison: Comparison | str = Comparison.PER_PASS,
+        calibration: Calibration | str = Calibration.NONE,
+        top_k_fraction: float = 0.0,
         base_channels: int = 32,
         compactness: float = 10.0,
         slic_iterations: int = 10,
@@ -161,16 +179,23 @@ class SmaiModel(nn.Module):
         window_size: int = 64,
     ) -> None:
         super().__init__()
-        if window_size < SIZE_MULTIPLE or window_size % SIZE_MULTIPLE:
-            msg = f"window_size must be a positive multiple of {SIZE_MULTIPLE} (PEN-Net's input), got {window_size}."
-            raise ValueError(msg)
+        check_int(window_size, "window_size", minimum=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)  # PEN-Net's input
         self.window_size = window_size
         self.scoring = parse_enum(ScoringMode, scoring, "scoring")
         self.masker = SuperpixelMasker(n_superpixels, compactness, slic_iterations)
         self.generator = PenNetGenerator(base_channels, local_attention)
         self.generator.set_query_budget(attention_budget)  # validates it
         self.attention_budget = attention_budget
-        self.anomaly_map_generator = AnomalyMapGenerator(score_measure, passes_per_batch, sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(score_measure, comparison, passes_per_batch, sigma)
+        self.calibration = parse_enum(Calibration, calibration, "calibration")
+        if len(self.anomaly_map_generator.measures) > 1 and self.calibration == Calibration.NONE:
+            msg = "Several score measures are averaged on the normal images' scale: calibrate, or pick one measure."
+            raise ValueError(msg)
+        if not 0 <= top_k_fraction < 1:
+            msg = f"top_k_fraction must be in [0, 1), got {top_k_fraction}."
+            raise ValueError(msg)
+        self.normal_statistics = NormalStatistics()
+        self.top_k_fraction = top_k_fraction
 
     def train(self, mode: bool = True) -> "SmaiModel":
         """Switch modes; the attention budget applies to inference only."""
@@ -221,9 +246,58 @@ class SmaiModel(nn.Module):
                 msg = "In train mode SmaiModel inpaints under given holes: call model(images, holes)."
                 raise ValueError(msg)
             return self.generator(to_signed(images), holes)
+        maps = self.difference_maps(images)
+        if self.calibration == Calibration.NONE:
+            return InferenceBatch(pred_score=self.image_score(maps), anomaly_map=maps)
+        standardised = self.normal_statistics(maps).mean(dim=1, keepdim=True)
+        if self.calibration == Calibration.MAP:
+            return InferenceBatch(pred_score=self.image_score(standardised), anomaly_map=standardised)
+        anomaly_map = self.normal_statistics.scale(maps).mean(dim=1, keepdim=True)
+        return InferenceBatch(pred_score=self.image_score(standardised), anomaly_map=anomaly_map)
+
+    def difference_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Smoothed difference maps before calibration, ``(B, M, H, W)``, one channel per measure."""
         window = self.window(images) if self.scoring == ScoringMode.WINDOWED else None
-        anomaly_map = self.anomaly_map_generator(self.generator, to_signed(images), self.pass_holes(images), window)
-        return InferenceBatch(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
+        return self.anomaly_map_generator(self.generator, to_signed(images), self.pass_holes(images), window)
+
+    def map_settings(self) -> dict[str, Any]:
+        """List the settings that shape the difference maps, as plain values (statistics fit only these)."""
+        return {
+            "n_superpixels": self.masker.n_superpixels,
+            "compactness": self.masker.compactness,
+            "slic_iterations": self.masker.slic_iterations,
+            "scoring": self.scoring.value,
+            "window_size": self.window_size,
+            "local_attention": any(level.local for level in self.generator.attention),
+            "attention_budget": self.attention_budget,
+            "score_measure": [measure.value for measure in self.anomaly_map_generator.measures],
+            "comparison": self.anomaly_map_generator.comparison.value,
+            "sigma": self.anomaly_map_generator.sigma,
+        }
+
+    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Maximum of each map, or the mean of its ``top_k_fraction`` highest pixels, ``(B,)``."""
+        values = anomaly_map.flatten(1)
+        if self.top_k_fraction == 0:
+            return values.amax(dim=1)
+        k = max(1, round(self.top_k_fraction * values.shape[1]))  # fixed by the image size: exports as a constant
+        return values.topk(k, dim=1).values.mean(dim=1)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Fit the normal statistics to the maps of normal images (eval mode, no gradients).
+
+        Args:
+            batches (Iterable[torch.Tensor]): Batches of normal RGB images in ``[0, 1]``,
+                ``(B, 3, H, W)``, at the size the model scores.
+
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            self.normal_statistics.fit(self.difference_maps(images) for images in batches)
+        finally:
+            self.train(was_training)
 
     def training_inputs(self, images: torch.Tensor, n_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the training holes, matched to how ``scoring`` will use the generator.

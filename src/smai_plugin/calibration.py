@@ -1,0 +1,148 @@
+"""Calibration of SMAI's difference maps against normal images.
+
+An inpainter restores some parts of every normal image worse than others (a bottle's bright,
+detailed rim, the edges of a screw): that error is the same in good and defective images, yet
+in a raw difference map it sets the image score. :class:`NormalStatistics` learns, per pixel
+position and per score measure, the mean and the spread of the maps of normal training images
+and turns a map into a standardised residual: ``(map - mean) / spread``. An error that every
+normal image shows stops counting; one that normal images never show stands out. This is the
+way PaDiM treats features, applied to SMAI's residuals.
+
+The spread is floored at its ``floor_quantile`` over the image (per measure), so that positions
+where normal images happen to agree closely (a flat background) do not turn tiny differences
+into large scores.
+
+Standardising helps the image score most; the map itself localises defects better before it
+(a defect where normal residuals are high, on a bottle's rim, shrinks with them), so
+:class:`Calibration` offers both: ``score`` standardises for the image score only and divides
+the map by the normal images' mean residual (which puts several measures on one scale), ``map``
+standardises the map too.
+
+The statistics are buffers: they travel in checkpoints and are constants of the exported graph.
+
+Example:
+    >>> statistics = NormalStatistics()
+    >>> normal = [torch.rand(4, 2, 8, 8) for _ in range(3)]  # batches of 2-measure maps
+    >>> statistics.fit(normal)
+    >>> statistics.mean.shape, statistics.is_fitted
+    (torch.Size([1, 2, 8, 8]), True)
+    >>> statistics(torch.rand(1, 2, 8, 8)).shape
+    torch.Size([1, 2, 8, 8])
+
+"""
+
+from collections.abc import Iterable
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class Calibration(str, Enum):
+    """How the normal statistics are used.
+
+    ``none``: raw difference maps (one measure only). ``score``: the image score comes from the
+    standardised maps; the anomaly map is each measure's map divided by its mean over normal
+    images, averaged over the measures. ``map``: the anomaly map is the standardised maps'
+    average, and the image score comes from it.
+    """
+
+    NONE = "none"
+    SCORE = "score"
+    MAP = "map"
+
+
+class NormalStatistics(nn.Module):
+    """Per-pixel mean and spread of normal difference maps; standardises maps with them.
+
+    Args:
+        floor_quantile (float): The spread is at least this quantile of the spread over all
+            pixel positions (per measure), in ``[0, 1]``. Defaults to ``0.25``.
+
+    """
+
+    def __init__(self, floor_quantile: float = 0.25) -> None:
+        super().__init__()
+        if not 0 <= floor_quantile <= 1:
+            msg = f"floor_quantile must be in [0, 1], got {floor_quantile}."
+            raise ValueError(msg)
+        self.floor_quantile = floor_quantile
+        # Empty until fitted; resized to the checkpoint's statistics when one is loaded.
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("spread", torch.empty(0))
+        self.mean: torch.Tensor
+        self.spread: torch.Tensor
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        for name in ("mean", "spread"):
+            if f"{prefix}{name}" in state_dict:
+                current = getattr(self, name)
+                setattr(self, name, current.new_empty(state_dict[f"{prefix}{name}"].shape))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether statistics have been fitted (or loaded)."""
+        return self.mean.numel() > 0
+
+    def reset(self) -> None:
+        """Forget the statistics."""
+        self.mean = self.mean.new_empty(0)
+        self.spread = self.spread.new_empty(0)
+
+    @torch.no_grad()
+    def fit(self, maps: Iterable[torch.Tensor]) -> None:
+        """Fit the statistics to the maps of normal images.
+
+        Args:
+            maps (Iterable[torch.Tensor]): Batches of maps ``(B, M, H, W)``, all of one size.
+
+        Raises:
+            ValueError: If ``maps`` is empty or has fewer than two images.
+
+        """
+        count, total, squares = 0, None, None
+        for batch in maps:
+            batch = batch.double()  # sums of squares over many images: float64 keeps the variance exact
+            total = batch.sum(0, keepdim=True) if total is None else total + batch.sum(0, keepdim=True)
+            squares = batch.square().sum(0, keepdim=True) + (0 if squares is None else squares)
+            count += batch.shape[0]
+        if count < 2:
+            msg = f"Calibration needs at least 2 normal images, got {count}."
+            raise ValueError(msg)
+        mean = total / count
+        spread = ((squares - count * mean.square()).clamp(min=0) / (count - 1)).sqrt()
+        floor = spread.flatten(2).quantile(self.floor_quantile, dim=2)[..., None, None]
+        self.mean = mean.to(self.mean.dtype)
+        self.spread = torch.maximum(spread, floor).clamp(min=torch.finfo(torch.float32).tiny).to(self.spread.dtype)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Standardise ``maps`` ``(B, M, H, W)``: ``(maps - mean) / spread``.
+
+        Raises:
+            ValueError: If the statistics are missing or were fitted on maps of another shape.
+
+        """
+        self._check(maps)
+        return (maps - self.mean) / self.spread
+
+    def scale(self, maps: torch.Tensor) -> torch.Tensor:
+        """Divide each measure's map by its mean over the normal images and their pixels.
+
+        Raises:
+            ValueError: If the statistics are missing or were fitted on maps of another shape.
+
+        """
+        self._check(maps)
+        return maps / self.mean.mean(dim=(2, 3), keepdim=True).clamp(min=torch.finfo(maps.dtype).tiny)
+
+    def _check(self, maps: torch.Tensor) -> None:
+        if not self.is_fitted:
+            msg = "The normal statistics are not fitted: SMAI calibrates on the training images when fitting."
+            raise ValueError(msg)
+        if maps.shape[1:] != self.mean.shape[1:]:
+            msg = (
+                f"Maps of shape {tuple(maps.shape[1:])} (measures, height, width) cannot be calibrated with "
+                f"statistics fitted on {tuple(self.mean.shape[1:])}: score images at the size the model was trained at."
+            )
+            raise ValueError(msg)

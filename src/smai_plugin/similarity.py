@@ -1,0 +1,214 @@
+"""How an inpainting is compared with the original: SSIM, L2 and MSGMS maps.
+
+Every function takes image batches in PEN-Net's ``[-1, 1]`` range and returns a per-pixel map
+``(N, 1, H, W)``, averaged over the colour channels:
+
+- :func:`ssim_map`: SSIM with an 11x11 Gaussian window (kornia), the paper's eq. 2 uses
+  ``1 - SSIM``;
+- :func:`msgms_map`: multi-scale gradient magnitude similarity (GMS of Xue et al., 2014, over
+  four scales, as RIAD and the Inpainting Transformer score with it): edges that moved,
+  vanished or appeared count, flat colour shifts do not;
+- :class:`FeatureDistance`: cosine distance of pretrained ImageNet features (the offline
+  EfficientNet-Lite0 of :mod:`smai_plugin.backbone`), a difference in what the image shows
+  rather than in its pixels;
+- :class:`Dissimilarity`: the maps of one or several :class:`ScoreMeasure` (high = different).
+
+Example:
+    >>> images = torch.rand(2, 3, 64, 64) * 2 - 1
+    >>> measure = Dissimilarity(["msgms", "l2"])
+    >>> maps = measure(images, images)
+    >>> maps.shape, float(maps.abs().max())
+    (torch.Size([2, 2, 64, 64]), 0.0)
+
+"""
+
+from collections.abc import Sequence
+from enum import Enum
+
+import timm
+import torch
+from kornia.filters import filter2d
+from kornia.metrics import ssim
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from ._config import parse_enum
+from .backbone import OFFLINE_BACKBONE
+
+SSIM_WINDOW = 11
+# GMS stability constant for images in [0, 1] (GMSD's 170 for [0, 255], divided by 255^2).
+GMS_CONSTANT = 0.0026
+MSGMS_SCALES = 4
+PREWITT = torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [1.0, 0.0, -1.0]]) / 3
+
+
+class ScoreMeasure(str, Enum):
+    """How an inpainting is compared with the original.
+
+    ``ssim``: ``1 - SSIM`` (paper, eq. 2). ``l2``: squared error (paper, eq. 3). ``msgms``:
+    ``1 -`` multi-scale gradient magnitude similarity. ``features``: cosine distance of
+    pretrained ImageNet features.
+    """
+
+    SSIM = "ssim"
+    L2 = "l2"
+    MSGMS = "msgms"
+    FEATURES = "features"
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Map images from ``[-1, 1]`` to ``[0, 1]``."""
+    return (images + 1) / 2
+
+
+def ssim_map(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM of two image batches in ``[-1, 1]``, averaged over channels: ``(B, 1, H, W)``."""
+    return ssim(to_unit_range(first), to_unit_range(second), SSIM_WINDOW, max_val=1.0).mean(1, keepdim=True)
+
+
+def gradient_magnitude(gray: torch.Tensor) -> torch.Tensor:
+    """Prewitt gradient magnitude of ``(N, 1, H, W)`` images (replicated borders)."""
+    kernel = PREWITT.to(gray)
+    horizontal = filter2d(gray, kernel[None], border_type="replicate")
+    vertical = filter2d(gray, kernel.T[None], border_type="replicate")
+    return (horizontal.square() + vertical.square() + 1e-12).sqrt()
+
+
+def msgms_map(first: torch.Tensor, second: torch.Tensor, scales: int = MSGMS_SCALES) -> torch.Tensor:
+    """Multi-scale gradient magnitude similarity of two batches in ``[-1, 1]``: ``(B, 1, H, W)``.
+
+    On the grey-level images (mean of the channels, in ``[0, 1]``) at full size and after each
+    of ``scales - 1`` halvings (2x2 average pooling), GMS is
+    ``(2 g1 g2 + c) / (g1^2 + g2^2 + c)`` with Prewitt gradient magnitudes ``g`` and
+    ``c = 0.0026``; the maps are resized back (bilinear) and averaged. 1 means identical edges.
+
+    Example:
+        >>> flat = torch.zeros(1, 3, 8, 8)
+        >>> edge = flat.clone()
+        >>> edge[..., 4:] = 1.0  # a vertical edge that ``flat`` lacks
+        >>> gms = msgms_map(edge, flat, scales=1)[0, 0]
+        >>> round(float(gms[0, 0]), 4), round(float(gms[0, 4]), 4)  # far from the edge, on it
+        (1.0, 0.0116)
+
+    """
+    size = first.shape[-2:]
+    first, second = to_unit_range(first).mean(1, keepdim=True), to_unit_range(second).mean(1, keepdim=True)
+    total = torch.zeros_like(first)
+    for scale in range(scales):
+        if scale:
+            first, second = F.avg_pool2d(first, 2), F.avg_pool2d(second, 2)
+        g1, g2 = gradient_magnitude(first), gradient_magnitude(second)
+        gms = (2 * g1 * g2 + GMS_CONSTANT) / (g1.square() + g2.square() + GMS_CONSTANT)
+        total = total + (F.interpolate(gms, size=size, mode="bilinear", align_corners=False) if scale else gms)
+    return total / scales
+
+
+class FeatureDistance(nn.Module):
+    """Cosine distance of ImageNet features of two image batches, per pixel: ``(N, 1, H, W)``.
+
+    EfficientNet-Lite0 (ImageNet weights from :mod:`smai_plugin.backbone`, frozen, always in
+    eval mode) maps both images to features at strides 4, 8 and 16 (blocks 1, 2 and 4: 24, 40
+    and 112 channels); at each position ``1 - cos`` of the two feature vectors is taken, resized
+    to the image (bilinear) and summed over the three levels (so the map lies in ``[0, 6]``).
+
+    The backbone's weights come from the package whenever the module is built; they are left
+    out of ``state_dict`` so that checkpoints stay small and the same checkpoint loads whether
+    or not a model scores with features.
+
+    Example:
+        >>> distance = FeatureDistance()
+        >>> images = torch.rand(1, 3, 64, 64) * 2 - 1
+        >>> float(distance(images, images).abs().max()) < 1e-5
+        True
+
+    """
+
+    LAYERS = (1, 2, 3)  # timm's feature_info indices of blocks 1, 2 and 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = timm.create_model(
+            OFFLINE_BACKBONE, pretrained=True, features_only=True, out_indices=self.LAYERS
+        )
+        self.backbone.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_state_dict_post_hook(self._drop_backbone)
+        self.register_load_state_dict_post_hook(self._backbone_is_not_missing)
+
+    def train(self, mode: bool = True) -> "FeatureDistance":
+        """Keep the backbone in eval mode (fixed batch-norm statistics) whatever ``mode`` is."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @staticmethod
+    def _drop_backbone(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        del module, local_metadata
+        for key in [key for key in state_dict if key.startswith(f"{prefix}backbone.")]:
+            del state_dict[key]
+
+    @staticmethod
+    def _backbone_is_not_missing(module: nn.Module, incompatible_keys: nn.modules.module._IncompatibleKeys) -> None:
+        del module
+        backbone_keys = [key for key in incompatible_keys.missing_keys if ".backbone." in f".{key}"]
+        for key in backbone_keys:
+            incompatible_keys.missing_keys.remove(key)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Feature distance of two batches in ``[-1, 1]``, ``(N, 1, H, W)``."""
+        batch = first.shape[0]
+        images = (to_unit_range(torch.cat([first, second])) - self.mean) / self.std
+        distance = torch.zeros_like(first[:, :1])
+        for features in self.backbone(images):
+            level = 1 - F.cosine_similarity(features[:batch], features[batch:], dim=1).unsqueeze(1)
+            distance = distance + F.interpolate(level, size=first.shape[-2:], mode="bilinear", align_corners=False)
+        return distance
+
+
+def parse_measures(score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str]) -> tuple[ScoreMeasure, ...]:
+    """Read ``score_measure``: one measure or a non-empty list of distinct ones.
+
+    Example:
+        >>> parse_measures(["msgms", "features"])
+        (<ScoreMeasure.MSGMS: 'msgms'>, <ScoreMeasure.FEATURES: 'features'>)
+
+    """
+    values = [score_measure] if isinstance(score_measure, str) else list(score_measure)
+    measures = tuple(parse_enum(ScoreMeasure, value, "score_measure") for value in values)
+    if not measures or len(set(measures)) != len(measures):
+        msg = f"score_measure must be one measure or a list of distinct ones, got {score_measure!r}."
+        raise ValueError(msg)
+    return measures
+
+
+class Dissimilarity(nn.Module):
+    """Per-pixel difference maps of image batches in ``[-1, 1]``, one channel per measure.
+
+    ``ssim``: ``1 - SSIM``; ``l2``: squared error in ``[0, 1]`` units, averaged over the colour
+    channels; ``msgms``: ``1 - MSGMS``; ``features``: :class:`FeatureDistance`. Every map is 0
+    where the two images are equal.
+
+    Args:
+        score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): One measure or a list.
+
+    """
+
+    def __init__(self, score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str]) -> None:
+        super().__init__()
+        self.measures = parse_measures(score_measure)
+        self.feature_distance = FeatureDistance() if ScoreMeasure.FEATURES in self.measures else None
+
+    def forward(self, inpainted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Compare ``inpainted`` with ``original``: maps ``(N, len(measures), H, W)``."""
+        return torch.cat([self.measure(measure, inpainted, original) for measure in self.measures], dim=1)
+
+    def measure(self, measure: ScoreMeasure, inpainted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """One measure's map, ``(N, 1, H, W)``."""
+        if measure == ScoreMeasure.SSIM:
+            return 1 - ssim_map(inpainted, original)
+        if measure == ScoreMeasure.MSGMS:
+            return 1 - msgms_map(inpainted, original)
+        if measure == ScoreMeasure.FEATURES:
+            return self.feature_distance(inpainted, original)
+        return (to_unit_range(inpainted) - to_unit_range(original)).square().mean(1, keepdim=True)

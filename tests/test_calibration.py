@@ -1,0 +1,165 @@
+"""Calibration against normal residuals: what it is fitted on, where it lives, when it is redone."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from PIL import Image
+
+from smai_plugin import Smai
+from smai_plugin.calibration import NormalStatistics
+from smai_plugin.torch_model import SmaiModel
+
+from .conftest import TINY_MODEL_ARGS
+
+pytestmark = pytest.mark.slow
+
+
+def test_statistics_are_mean_and_floored_spread_of_normal_maps() -> None:
+    torch.manual_seed(0)
+    maps = torch.rand(10, 2, 8, 8) * torch.linspace(0.1, 1, 64).reshape(1, 1, 8, 8)
+    statistics = NormalStatistics(floor_quantile=0.5)
+    statistics.fit(maps.split(3))  # batches of 3, 3, 3, 1
+    torch.testing.assert_close(statistics.mean, maps.mean(0, keepdim=True))
+    spread = maps.std(0, keepdim=True)
+    floor = spread.flatten(2).quantile(0.5, dim=2)[..., None, None]  # per measure, over the 64 pixels
+    assert (statistics.spread > spread + 1e-6).sum() == pytest.approx(64, abs=2)  # half the pixels lifted to the floor
+    torch.testing.assert_close(statistics.spread, torch.maximum(spread, floor))
+    torch.testing.assert_close(statistics(maps), (maps - statistics.mean) / statistics.spread)
+    # The statistics travel in state dicts, into a module that has none yet.
+    fresh = NormalStatistics()
+    fresh.load_state_dict(statistics.state_dict())
+    torch.testing.assert_close(fresh(maps), statistics(maps))
+    with pytest.raises(ValueError, match="height, width"):
+        statistics(torch.rand(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="not fitted"):
+        NormalStatistics()(maps)
+    with pytest.raises(ValueError, match="at least 2"):
+        NormalStatistics().fit([maps[:1]])
+
+
+def test_calibration_modes_use_the_statistics_as_documented() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 64, 64)
+    args = {"n_superpixels": 9, "base_channels": 8, "score_measure": ["msgms", "l2"], "comparison": "reconstruction"}
+    score_mode = SmaiModel(**args, calibration="score").eval()
+    map_mode = SmaiModel(**args, calibration="map").eval()
+    map_mode.load_state_dict(score_mode.state_dict())
+    for model in (score_mode, map_mode):
+        model.calibrate([images[:2], images[2:]])
+    statistics = score_mode.normal_statistics
+    with torch.no_grad():
+        maps = score_mode.difference_maps(images)
+        standardised = ((maps - statistics.mean) / statistics.spread).mean(1, keepdim=True)
+        scaled = (maps / maps.mean(dim=(0, 2, 3), keepdim=True)).mean(1, keepdim=True)  # normal mean per measure
+        by_score, by_map = score_mode(images), map_mode(images)
+    torch.testing.assert_close(by_score.pred_score, standardised.amax(dim=(1, 2, 3)))
+    torch.testing.assert_close(by_score.anomaly_map, scaled)
+    torch.testing.assert_close(by_map.pred_score, standardised.amax(dim=(1, 2, 3)))
+    torch.testing.assert_close(by_map.anomaly_map, standardised)
+    with pytest.raises(ValueError, match="pick one measure"):
+        SmaiModel(**args, calibration="none")
+    with pytest.raises(ValueError, match="calibration"):
+        SmaiModel(n_superpixels=9, base_channels=8, calibration="sometimes")
+
+
+def datamodule(root: Path) -> MVTecAD:
+    return MVTecAD(root=root, category="hazelnut_toy", train_batch_size=4, eval_batch_size=5, num_workers=0, seed=0)
+
+
+def engine(root_dir: Path) -> Engine:
+    return Engine(default_root_dir=root_dir, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+
+
+class CalibrationSpy:
+    """Records the images the torch model is calibrated on, then calibrates for real."""
+
+    def __init__(self, model: Smai) -> None:
+        self.batches: list[torch.Tensor] = []
+        self._calibrate = model.model.calibrate
+        model.model.calibrate = self
+
+    def __call__(self, batches: object) -> None:
+        def recorded() -> object:
+            for images in batches:
+                self.batches.append(images.clone())
+                yield images
+
+        self._calibrate(recorded())
+
+
+def load_images(folder: Path) -> torch.Tensor:
+    arrays = [np.asarray(Image.open(path).convert("RGB")) for path in sorted(folder.rglob("*.png"))]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Smai, CalibrationSpy, Path]:
+    torch.manual_seed(0)
+    model = Smai(**TINY_MODEL_ARGS, visualizer=False)
+    spy = CalibrationSpy(model)
+    trainer = engine(tmp_path_factory.mktemp("calibration"))
+    trainer.fit(model, datamodule=datamodule(tiny_root))
+    path = tmp_path_factory.mktemp("checkpoint") / "model.ckpt"
+    trainer.trainer.save_checkpoint(path)
+    return model, spy, path
+
+
+def test_statistics_see_the_training_images_only(fitted: tuple[Smai, CalibrationSpy, Path], tiny_root: Path) -> None:
+    model, spy, _ = fitted
+    assert model.model.normal_statistics.is_fitted
+    seen = torch.cat(spy.batches)
+    train = load_images(tiny_root / "hazelnut_toy" / "train")
+    test = load_images(tiny_root / "hazelnut_toy" / "test")
+    assert len(spy.batches) == 2  # one calibration (8 images in batches of 5), when validation started
+    assert seen.shape == train.shape
+    # Each calibration image is one training image (64x64 files, so the resize is the identity),
+    # and none is a test (or validation: same_as_test) image.
+    matches = (seen[:, None] - train[None]).abs().flatten(2).amax(2) < 1e-3
+    assert matches.sum(1).eq(1).all()
+    assert matches.sum(0).eq(1).all()
+    assert not ((seen[:, None] - test[None]).abs().flatten(2).amax(2) < 0.05).any()
+    # The statistics are those of the training images' maps.
+    model.eval()
+    with torch.no_grad():
+        maps = model.model.difference_maps(train)
+    torch.testing.assert_close(model.model.normal_statistics.mean, maps.mean(0, keepdim=True), atol=1e-5, rtol=1e-4)
+
+
+def test_calibrated_checkpoint_round_trips_without_recalibrating(
+    fitted: tuple[Smai, CalibrationSpy, Path], tiny_root: Path, tmp_path: Path
+) -> None:
+    model, _, path = fitted
+    loaded = Smai.load_from_checkpoint(path)
+    for name in ("mean", "spread"):
+        torch.testing.assert_close(
+            getattr(loaded.model.normal_statistics, name), getattr(model.model.normal_statistics, name)
+        )
+    spy = CalibrationSpy(loaded)
+    predictions = engine(tmp_path).predict(loaded, datamodule=datamodule(tiny_root))
+    assert spy.batches == []  # the statistics came with the checkpoint
+    reference = engine(tmp_path).predict(model, datamodule=datamodule(tiny_root))
+    torch.testing.assert_close(
+        torch.cat([b.pred_score for b in predictions]), torch.cat([b.pred_score for b in reference])
+    )
+
+
+def test_other_map_settings_calibrate_again(
+    fitted: tuple[Smai, CalibrationSpy, Path], tiny_root: Path, tmp_path: Path
+) -> None:
+    _, _, path = fitted
+    loaded = Smai.load_from_checkpoint(path, score_measure="l2")  # the checkpoint's statistics are for msgms + features
+    spy = CalibrationSpy(loaded)
+    engine(tmp_path).test(loaded, datamodule=datamodule(tiny_root), verbose=False)
+    assert len(torch.cat(spy.batches)) == 8  # all training images, again
+    assert loaded.model.normal_statistics.mean.shape[1] == 1  # one measure now
+
+
+def test_an_uncalibrated_model_without_training_images_is_refused(tiny_root: Path, tmp_path: Path) -> None:
+    model = Smai(**TINY_MODEL_ARGS, visualizer=False)
+    image = next((tiny_root / "hazelnut_toy" / "test").rglob("*.png"))
+    with pytest.raises(ValueError, match="no training images"):
+        engine(tmp_path).predict(model, data_path=image)
