@@ -1,6 +1,6 @@
 """Latency per image of SMAI in PyTorch eager against the OpenVINO export, in one run.
 
-Builds SMAI from a config (weights do not change the cost), exports it with anomalib's
+Builds SMAI from a config (weights and statistics do not change the cost), exports it with anomalib's
 OpenVINO export, and times ``--images`` real images through the torch model (``Smai.forward``:
 pre-processing, scoring, post-processing) and through anomalib's ``OpenVINOInferencer`` in
 float32 (the parity setting) and in the CPU's default precision. Examples::
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from anomalib.data.utils import read_image
 from anomalib.deploy import OpenVINOInferencer
+from common import model_init_args
 
 from smai_plugin import Smai
 
@@ -41,12 +41,14 @@ def main() -> None:
     parser.add_argument("--scoring", help="override the config's scoring")
     args = parser.parse_args()
 
-    init_args = yaml.safe_load(args.config.read_text())["model"]["init_args"]
-    if args.scoring:
-        init_args["scoring"] = args.scoring
+    init_args = model_init_args(args.config, **({"scoring": args.scoring} if args.scoring else {}))
     model = Smai(**init_args).eval()
     paths = sorted((args.root / args.category / "test").rglob("*.png"))[: args.images]
     images = [read_image(path, as_tensor=False).astype(np.float32) for path in paths]
+    # Calibrated on a few training images: an export needs statistics (their values do not change the cost).
+    train = sorted((args.root / args.category / "train").rglob("*.png"))[:4]
+    batch = torch.stack([read_image(path, as_tensor=True) for path in train])
+    model.model.calibrate([model.pre_processor(batch)])
 
     with torch.no_grad():
         eager = seconds_per_image(lambda image: model(torch.from_numpy(image).permute(2, 0, 1)[None]), images)

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from common import model_init_args
 
 from smai_plugin import Smai
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=25)
     args = parser.parse_args()
 
-    init_args = yaml.safe_load(args.config.read_text())["model"]["init_args"]
+    init_args = model_init_args(args.config)
     datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=8, num_workers=0, seed=0)
     seconds = {"leave_one_out": [], "windowed": []}
     with tempfile.TemporaryDirectory() as work:
