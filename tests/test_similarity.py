@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from smai_plugin.backbone import _lite0_state_dict
 from smai_plugin.similarity import GMS_CONSTANT, Dissimilarity, FeatureDistance, msgms_map, parse_measures
 
 from .conftest import real_image
@@ -63,6 +64,17 @@ def test_feature_distance_keeps_its_backbone_out_of_checkpoints_and_frozen() -> 
     assert not distance.backbone.training  # batch-norm statistics stay the pretrained ones
     fresh = FeatureDistance()
     assert not fresh.load_state_dict(distance.state_dict()).missing_keys
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_loading_the_pretrained_backbone_leaves_the_random_state_alone(cached: bool) -> None:
+    # Otherwise what is initialised next (SMAI's discriminator) would depend on whether the
+    # weights were already loaded in this process: the same seed, other models.
+    if not cached:
+        _lite0_state_dict.cache_clear()
+    state = torch.get_rng_state()
+    FeatureDistance()
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_measure_lists_are_checked() -> None:

