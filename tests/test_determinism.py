@@ -1,5 +1,6 @@
 """Same seed, same model; checkpoints give back the same scores, also under ``weights_only`` loading."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,15 @@ def test_checkpoint_round_trip(trained: tuple[Smai, Engine], tiny_root: Path, tm
     assert restored.keys() == expected.keys()
     for name, value in expected.items():
         assert restored[name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_scoring_with_another_training_family_warns(trained: tuple[Smai, Engine]) -> None:
+    model, trainer = trained
+    path = trainer.trainer.checkpoint_callback.best_model_path or trainer.trainer.checkpoint_callback.last_model_path
+    assert torch.load(path, weights_only=False)["smai_trained_on"] == model.model.training_family
+    with pytest.warns(UserWarning, match=r"trained on 64x64 crops .* set to score with whole images"):
+        Smai.load_from_checkpoint(path, scoring="leave_one_out", visualizer=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Smai.load_from_checkpoint(path, visualizer=False)  # the scoring it was trained for
+    assert not [warning for warning in caught if "trained on" in str(warning.message)]

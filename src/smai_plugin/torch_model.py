@@ -320,6 +320,13 @@ class SmaiModel(nn.Module):
         crops, holes, _ = crop_passes(images, random_superpixels(superpixels, n_masked), self.window(images))
         return crops, holes
 
+    @property
+    def training_family(self) -> str:
+        """What :meth:`training_inputs` shows the generator: windowed crops or whole images."""
+        if self.scoring == ScoringMode.WINDOWED:
+            return f"{self.window_size}x{self.window_size} crops (scoring='windowed', window_size={self.window_size})"
+        return "whole images (scoring='leave_one_out' or 'grouped')"
+
     def window(self, images: torch.Tensor) -> tuple[int, int]:
         """Crop of a windowed pass: ``window_size`` square, at most the image."""
         return min(self.window_size, images.shape[-2]), min(self.window_size, images.shape[-1])
