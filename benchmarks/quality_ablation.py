@@ -22,9 +22,8 @@ import torch
 import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshold
-from common import model_init_args
+from common import load_for_scoring, model_init_args
 from lightning import Callback, seed_everything
 
 from smai_plugin import Smai
@@ -116,19 +115,7 @@ def train(
 
 def evaluate(checkpoint: Path, settings: dict[str, Any], datamodule: MVTecAD, work: Path) -> dict[str, float]:
     """Test a checkpoint with other inference settings; calibrates again first where it calibrates."""
-    model = Smai.load_from_checkpoint(checkpoint, map_location="cpu", **settings)
-    # The checkpoint's post-processor learnt its normalisation bounds for the training run's
-    # scoring; a variant's scores would be clamped to them. The metrics are rank-based, so they
-    # are taken on the raw scores (what validation on the test split, anomalib's default, would
-    # normalise without clamping).
-    model.post_processor = None
-    model.evaluator = Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
-        ]
-    )
+    model = load_for_scoring(checkpoint, **settings)
     outputs = TestOutputs()
     engine = Engine(
         default_root_dir=work,

@@ -27,11 +27,12 @@ import psutil
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from common import model_init_args
+from common import load_for_scoring, model_init_args
 
 from smai_plugin import Smai
 from smai_plugin.torch_model import SmaiModel
 
+PAPER_COMPARISON = {"score_measure": "ssim", "comparison": "per_pass", "calibration": "none", "top_k_fraction": 0}
 # name: (scoring, local attention at inference, attention budget)
 MODES = {
     "leave_one_out": ("leave_one_out", False, 1.0),
@@ -64,15 +65,10 @@ class PeakMemory:
         self._thread.join()
 
 
-def configure(model: SmaiModel, scoring: str, local: bool, budget: float) -> None:
-    """Switch a trained model's inference mode in place (weights unchanged)."""
-    from smai_plugin.torch_model import ScoringMode
-
-    model.scoring = ScoringMode(scoring)
-    for level in model.generator.attention:
-        level.local = local
-    model.attention_budget = budget
-    model.eval()
+def settings(mode: str) -> dict[str, str | bool | float]:
+    """The model arguments that select a mode's inference schedule."""
+    scoring, local, budget = MODES[mode]
+    return {"scoring": scoring, "local_attention": local, "attention_budget": budget}
 
 
 def training_of(mode: str) -> str:
@@ -83,8 +79,7 @@ def training_of(mode: str) -> str:
 def time_at_paper_size(mode: str, n_images: int) -> tuple[float, float]:
     """Seconds per image and peak MiB of one mode at 256x256, K=77, width 32 (weights do not matter)."""
     torch.manual_seed(0)
-    model = SmaiModel(n_superpixels=77, base_channels=32, passes_per_batch=16)
-    configure(model, *MODES[mode])
+    model = SmaiModel(n_superpixels=77, base_channels=32, passes_per_batch=16, **settings(mode)).eval()
     images = torch.rand(n_images + 1, 3, 256, 256)
     with torch.no_grad():
         model(images[:1])  # warm-up: oneDNN builds its kernels on the first call
@@ -96,20 +91,18 @@ def time_at_paper_size(mode: str, n_images: int) -> tuple[float, float]:
     return seconds, memory.peak_mib
 
 
-def train_or_load(
-    engine: Engine,
-    datamodule: MVTecAD,
-    init_args: dict,
-    ckpt: Path | None,
-) -> tuple[Smai, float | None]:
-    """A model of the config, trained here (seconds returned) or loaded from ``ckpt``."""
+def train_or_load(engine: Engine, datamodule: MVTecAD, init_args: dict, ckpt: Path | None) -> tuple[Path, float | None]:
+    """A checkpoint of the config: ``ckpt``, or trained here (seconds returned)."""
     if ckpt is not None:
-        return Smai.load_from_checkpoint(ckpt, **init_args), None
+        return ckpt, None
     torch.manual_seed(0)
     model = Smai(**init_args)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
-    return model, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    path = Path(engine.trainer.default_root_dir) / f"{init_args['scoring']}.ckpt"
+    engine.trainer.save_checkpoint(path)
+    return path, seconds
 
 
 def main() -> None:
@@ -125,24 +118,22 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("results/scoring_modes.json"))
     args = parser.parse_args()
 
-    # The schedules compared with the paper's measure, uncalibrated (as the README's table), so a
-    # trained model switches schedule in place (configure) with no statistics to refit.
-    init_args = model_init_args(args.config, score_measure="ssim", comparison="per_pass", calibration="none")
+    # The schedules compared with the paper's measure, uncalibrated (as the README's table).
+    init_args = model_init_args(args.config, **PAPER_COMPARISON)
     datamodule = MVTecAD(
         root=args.root, category=args.category, train_batch_size=8, eval_batch_size=8, num_workers=2, seed=0
     )
     engine = Engine(default_root_dir="results/benchmark_scoring_modes", accelerator="cpu", devices=1, logger=False)
-    models, train_seconds = {}, {}
+    checkpoints, train_seconds = {}, {}
     for training in [] if args.speed_only else sorted({training_of(name) for name in args.modes}):
         scoring = {"scoring": "windowed" if training == "windowed" else "leave_one_out"}
         ckpt = args.windowed_ckpt if training == "windowed" else args.ckpt
-        models[training], train_seconds[training] = train_or_load(engine, datamodule, init_args | scoring, ckpt)
+        checkpoints[training], train_seconds[training] = train_or_load(engine, datamodule, init_args | scoring, ckpt)
 
     rows = []
     for name in [] if args.speed_only else args.modes:
         training = training_of(name)
-        model = models[training]
-        configure(model.model, *MODES[name])
+        model = load_for_scoring(checkpoints[training], **PAPER_COMPARISON, **settings(name))
         start = time.perf_counter()
         metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
         seconds = (time.perf_counter() - start) / len(datamodule.test_data)
