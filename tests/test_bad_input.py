@@ -75,6 +75,8 @@ def test_more_superpixels_than_pixels_is_refused_at_run_time() -> None:
 def test_window_larger_than_the_image_warns() -> None:
     with pytest.warns(UserWarning, match="window_size 128 is larger than the"):
         Smai(image_size=64, n_superpixels=9, n_masked=2, window_size=128)
+    with pytest.warns(UserWarning, match=r"window_size 320 is larger than the \(256, 256\) images"):
+        Smai(window_size=320)  # the default image size is named, not None
 
 
 @pytest.mark.slow

@@ -55,12 +55,13 @@ from .data_checks import check_dataloaders, check_dataset
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator
 from .similarity import ScoreMeasure
-from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel
+from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel, to_signed
 
 __all__ = ["Smai"]
 
 ONNX_OPSET = 18
 MAX_UPSCALING = 4  # per side, before SMAI warns that the images are too small for their image_size
+DEFAULT_IMAGE_SIZE = (256, 256)  # the paper's
 
 
 def _no_closure() -> None:
@@ -195,14 +196,12 @@ class Smai(AnomalibModule):
             raise ValueError(msg)
         if isinstance(image_size, int) and not isinstance(image_size, bool):
             image_size = (image_size, image_size)  # a square, as anomalib's models read an int size
-        self._check_sizes(n_superpixels, (image_size or (256, 256)) if pre_processor is True else None)
-        if (
-            pre_processor is True
-            and model.scoring == ScoringMode.WINDOWED
-            and window_size > min(image_size or (256, 256))
-        ):
+        # The size the default pre-processor resizes to; a custom one is checked on the first batch.
+        size = (image_size or DEFAULT_IMAGE_SIZE) if pre_processor is True else None
+        self._check_sizes(n_superpixels, size)
+        if size is not None and model.scoring == ScoringMode.WINDOWED and window_size > min(size):
             rank_zero_warn(
-                f"window_size {window_size} is larger than the {image_size} images: every windowed pass inpaints "
+                f"window_size {window_size} is larger than the {size} images: every windowed pass inpaints "
                 "the whole image, which costs as much as leave-one-out scoring. Lower window_size."
             )
         if pre_processor is True:
@@ -237,7 +236,7 @@ class Smai(AnomalibModule):
             PreProcessor: Pre-processor with a resize transform.
 
         """
-        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
+        return PreProcessor(transform=Compose([Resize(image_size or DEFAULT_IMAGE_SIZE, antialias=True)]))
 
     @staticmethod
     def _check_sizes(n_superpixels: int, image_size: tuple[int, int] | None) -> None:
@@ -319,9 +318,9 @@ class Smai(AnomalibModule):
             ValueError: If statistics are needed and there are no training images to fit them on.
 
         """
-        statistics = self.model.normal_statistics
-        if self.model.calibration == Calibration.NONE or (statistics.is_fitted and not self._calibration_stale):
+        if not self._needs_calibration:
             return
+        statistics = self.model.normal_statistics
         datamodule = self.trainer.datamodule
         dataset = getattr(datamodule, "train_data", None)
         if dataset is None or len(dataset) == 0:
@@ -344,6 +343,12 @@ class Smai(AnomalibModule):
         rank_zero_info(f"SMAI: calibrating on the {len(dataset)} normal training images.")
         self.model.calibrate(self._calibration_images(batch) for batch in loader)
         self._calibration_stale = False
+
+    @property
+    def _needs_calibration(self) -> bool:
+        """Whether the model calibrates and its statistics are missing or older than its weights."""
+        fitted = self.model.normal_statistics.is_fitted
+        return self.model.calibration != Calibration.NONE and (self._calibration_stale or not fitted)
 
     def _map_settings(self) -> dict[str, Any]:
         """Collect the torch model's map settings and the image size the pre-processor resizes to."""
@@ -444,7 +449,7 @@ class Smai(AnomalibModule):
         with torch.no_grad():
             images, holes = self.model.training_inputs(batch.image, self.n_masked)
         output, pyramid = self.model(images, holes)
-        originals = images * 2 - 1
+        originals = to_signed(images)
         composite = originals * (1 - holes) + output * holes
         generator_optimizer, discriminator_optimizer = self.optimizers()
 
@@ -522,8 +527,7 @@ class Smai(AnomalibModule):
 
     def _check_calibrated(self) -> None:
         """Refuse to export a calibrating model whose statistics are missing or stale."""
-        uncalibrated = self._calibration_stale or not self.model.normal_statistics.is_fitted
-        if self.model.calibration != Calibration.NONE and uncalibrated:
+        if self._needs_calibration:
             msg = (
                 "SMAI's normal statistics are missing or older than its weights, so the export would score "
                 "without them: export after fitting (validation calibrates), or from a checkpoint saved at the end "
