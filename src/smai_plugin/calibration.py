@@ -101,11 +101,11 @@ class NormalStatistics(nn.Module):
             ValueError: If ``maps`` is empty or has fewer than two images.
 
         """
-        count, total, squares = 0, None, None
+        count, total, squares = 0, 0.0, 0.0
         for batch in maps:
             batch = batch.double()  # sums of squares over many images: float64 keeps the variance exact
-            total = batch.sum(0, keepdim=True) if total is None else total + batch.sum(0, keepdim=True)
-            squares = batch.square().sum(0, keepdim=True) + (0 if squares is None else squares)
+            total = total + batch.sum(0, keepdim=True)
+            squares = squares + batch.square().sum(0, keepdim=True)
             count += batch.shape[0]
         if count < 2:
             msg = f"Calibration needs at least 2 normal images, got {count}."
