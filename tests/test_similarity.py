@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smai_plugin.backbone import _lite0_state_dict
-from smai_plugin.similarity import GMS_CONSTANT, Dissimilarity, FeatureDistance, msgms_map, parse_measures
+from smai_plugin.similarity import GMS_CONSTANT, Dissimilarity, FeatureDistance, msgms_distance, parse_measures
 
 from .conftest import real_image
 
@@ -20,7 +20,7 @@ def test_gms_of_two_steps_matches_the_formula() -> None:
     first, second = torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
     first[..., 4:] = 0.5
     second[..., 4:] = 0.25
-    gms = msgms_map(signed(first), signed(second), scales=1)[0, 0]
+    gms = 1 - msgms_distance(signed(first), signed(second), scales=1)[0, 0]
     c = GMS_CONSTANT
     expected = (2 * 0.5 * 0.25 + c) / (0.5**2 + 0.25**2 + c)  # 0.80165
     torch.testing.assert_close(gms[:, 3:5], torch.full((8, 2), expected), atol=1e-5, rtol=0)
@@ -38,7 +38,7 @@ def test_msgms_averages_the_scales() -> None:
     def gms(g1: float, g2: float) -> float:
         return (2 * g1 * g2 + c) / (g1**2 + g2**2 + c)
 
-    maps = msgms_map(signed(first), signed(second), scales=2)[0, 0]
+    maps = 1 - msgms_distance(signed(first), signed(second), scales=2)[0, 0]
     expected = (gms(0.02, 0.04) + gms(0.04, 0.08)) / 2  # (0.91304 + 0.84906) / 2
     torch.testing.assert_close(maps[8:24, 8:24], torch.full((16, 16), expected), atol=1e-4, rtol=0)
 

@@ -5,7 +5,7 @@ Every function takes image batches in PEN-Net's ``[-1, 1]`` range and returns a 
 
 - :func:`ssim_map`: SSIM with an 11x11 Gaussian window (kornia), the paper's eq. 2 uses
   ``1 - SSIM``;
-- :func:`msgms_map`: multi-scale gradient magnitude similarity (GMS of Xue et al., 2014, over
+- :func:`msgms_distance`: ``1 -`` multi-scale gradient magnitude similarity (GMS of Xue et al., 2014, over
   four scales, as RIAD and the Inpainting Transformer score with it): edges that moved,
   vanished or appeared count, flat colour shifts do not;
 - :class:`FeatureDistance`: cosine distance of pretrained ImageNet features (the offline
@@ -74,21 +74,23 @@ def gradient_magnitude(gray: torch.Tensor) -> torch.Tensor:
     return (horizontal.square() + vertical.square() + 1e-12).sqrt()
 
 
-def msgms_map(first: torch.Tensor, second: torch.Tensor, scales: int = MSGMS_SCALES) -> torch.Tensor:
-    """Multi-scale gradient magnitude similarity of two batches in ``[-1, 1]``: ``(B, 1, H, W)``.
+def msgms_distance(first: torch.Tensor, second: torch.Tensor, scales: int = MSGMS_SCALES) -> torch.Tensor:
+    """``1 -`` multi-scale gradient magnitude similarity of two batches in ``[-1, 1]``: ``(B, 1, H, W)``.
 
     On the grey-level images (mean of the channels, in ``[0, 1]``) at full size and after each
     of ``scales - 1`` halvings (2x2 average pooling), GMS is
     ``(2 g1 g2 + c) / (g1^2 + g2^2 + c)`` with Prewitt gradient magnitudes ``g`` and
-    ``c = 0.0026``; the maps are resized back (bilinear) and averaged. 1 means identical edges.
+    ``c = 0.0026``; the maps are resized back (bilinear) and averaged. 0 means identical edges.
+    ``1 - GMS`` is computed as ``(g1 - g2)^2 / (g1^2 + g2^2 + c)``, the same value without
+    subtracting two numbers near 1, so that it survives bf16 inference (OpenVINO's CPU default).
 
     Example:
         >>> flat = torch.zeros(1, 3, 8, 8)
         >>> edge = flat.clone()
         >>> edge[..., 4:] = 1.0  # a vertical edge that ``flat`` lacks
-        >>> gms = msgms_map(edge, flat, scales=1)[0, 0]
-        >>> round(float(gms[0, 0]), 4), round(float(gms[0, 4]), 4)  # far from the edge, on it
-        (1.0, 0.0116)
+        >>> distance = msgms_distance(edge, flat, scales=1)[0, 0]
+        >>> round(float(distance[0, 0]), 4), round(float(distance[0, 4]), 4)  # far from the edge, on it
+        (0.0, 0.9897)
 
     """
     size = first.shape[-2:]
@@ -98,8 +100,10 @@ def msgms_map(first: torch.Tensor, second: torch.Tensor, scales: int = MSGMS_SCA
         if scale:
             first, second = F.avg_pool2d(first, 2), F.avg_pool2d(second, 2)
         g1, g2 = gradient_magnitude(first), gradient_magnitude(second)
-        gms = (2 * g1 * g2 + GMS_CONSTANT) / (g1.square() + g2.square() + GMS_CONSTANT)
-        total = total + (F.interpolate(gms, size=size, mode="bilinear", align_corners=False) if scale else gms)
+        distance = (g1 - g2).square() / (g1.square() + g2.square() + GMS_CONSTANT)
+        total = total + (
+            F.interpolate(distance, size=size, mode="bilinear", align_corners=False) if scale else distance
+        )
     return total / scales
 
 
@@ -161,7 +165,9 @@ class FeatureDistance(nn.Module):
         images = (to_unit_range(torch.cat([first, second])) - self.mean) / self.std
         distance = torch.zeros_like(first[:, :1])
         for features in self.backbone(images):
-            level = 1 - F.cosine_similarity(features[:batch], features[batch:], dim=1).unsqueeze(1)
+            # 1 - cos as half the squared distance of the unit vectors: no cancellation near 1 in bf16.
+            unit = F.normalize(features, dim=1)
+            level = (unit[:batch] - unit[batch:]).square().sum(1, keepdim=True) / 2
             distance = distance + F.interpolate(level, size=first.shape[-2:], mode="bilinear", align_corners=False)
         return distance
 
@@ -208,7 +214,7 @@ class Dissimilarity(nn.Module):
         if measure == ScoreMeasure.SSIM:
             return 1 - ssim_map(inpainted, original)
         if measure == ScoreMeasure.MSGMS:
-            return 1 - msgms_map(inpainted, original)
+            return msgms_distance(inpainted, original)
         if measure == ScoreMeasure.FEATURES:
             return self.feature_distance(inpainted, original)
         return (to_unit_range(inpainted) - to_unit_range(original)).square().mean(1, keepdim=True)

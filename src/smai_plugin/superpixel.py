@@ -154,11 +154,15 @@ class SuperpixelMasker(nn.Module):
         n_centres: int,
         previous: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Mean feature per label; a centre with no pixels keeps its previous position."""
-        batch, _, n_features = features.shape
-        index = labels[..., None]
-        sums = features.new_zeros(batch, n_centres, n_features).scatter_add(1, index.expand_as(features), features)
-        counts = features.new_zeros(batch, n_centres, 1).scatter_add(1, index, torch.ones_like(features[..., :1]))
+        """Mean feature per label; a centre with no pixels keeps its previous position.
+
+        Sums and pixel counts come from one matrix product with the one-hot labels: a matrix
+        product accumulates in float32 under bf16 inference (OpenVINO's CPU default), where a
+        scatter-add would count in bf16, which stops at 256.
+        """
+        with_ones = torch.cat([features, torch.ones_like(features[..., :1])], dim=2)  # (B, HW, F + 1)
+        totals = one_hot_labels(labels, n_centres, features.dtype).transpose(1, 2) @ with_ones  # (B, K, F + 1)
+        sums, counts = totals[..., :-1], totals[..., -1:]
         means = sums / counts.clamp(min=1)
         return means if previous is None else torch.where(counts > 0, means, previous)
 
