@@ -229,3 +229,44 @@ def test_corrupt_file_in_predict_folder_is_named(root: Path, tmp_path: Path) -> 
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=rf"Cannot read image file {path}"):
         engine(tmp_path).predict(tiny_model(), data_path=folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real checkpoint of a one-step SMAI."""
+    tmp_path = tmp_path_factory.mktemp("checkpoint")
+    root = make_tiny_mvtec(tmp_path / "data", n_train=4, n_good=1, n_defect=2)
+    trainer = engine(tmp_path)
+    trainer.fit(model=tiny_model(), datamodule=datamodule(root))
+    return Path(trainer.trainer.checkpoint_callback.best_model_path)
+
+
+def damaged_copy(checkpoint: Path, tmp_path: Path, damage: str) -> Path:
+    data = bytearray(checkpoint.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "bytes_flipped":  # inside a tensor's storage: the zip directory is intact
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(byte ^ 0xFF for byte in data[middle : middle + 64])
+    else:
+        data = bytearray()
+    path = tmp_path / f"{damage}.ckpt"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "bytes_flipped", "empty"])
+def test_damaged_checkpoint_is_named(checkpoint: Path, tmp_path: Path, damage: str) -> None:
+    path = damaged_copy(checkpoint, tmp_path, damage)
+    with pytest.raises(ValueError, match=rf"The checkpoint {path}.*(not a complete|damaged).*train again"):
+        Smai.load_from_checkpoint(path)
+    root = make_tiny_mvtec(tmp_path / "data", n_train=4, n_good=1, n_defect=2)
+    with pytest.raises(ValueError, match=rf"The checkpoint {path}"):
+        engine(tmp_path).test(model=tiny_model(), datamodule=datamodule(root), ckpt_path=path)
+    assert Smai.load_from_checkpoint(checkpoint).model.masker.n_superpixels == TINY_MODEL_ARGS["n_superpixels"]
+
+
+def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"No checkpoint file at {tmp_path / 'none.ckpt'}"):
+        Smai.load_from_checkpoint(tmp_path / "none.ckpt")

@@ -51,6 +51,7 @@ from . import _autoload
 from ._config import check_int
 from .anomaly_map import Comparison
 from .calibration import Calibration
+from .checkpoint_checks import CheckedCheckpointIO, check_checkpoint_file
 from .data_checks import check_dataloaders, check_dataset
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator
@@ -258,15 +259,30 @@ class Smai(AnomalibModule):
         """SMAI's enums in ``hyper_parameters``, allowed for anomalib's ``weights_only`` loading."""
         return (ScoringMode, ScoreMeasure, Comparison, Calibration)
 
-    def setup(self, stage: str) -> None:
-        """Let DDP find unused parameters when fitting.
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> "Smai":
+        """Load a checkpoint (:meth:`anomalib.models.AnomalibModule.load_from_checkpoint`).
 
-        The discriminator and the generator step after separate backward passes, and the
-        discriminator's does not reach the generator's parameters, so plain DDP would stop
-        with "parameters that were not used in producing the loss".
+        A missing, truncated or damaged file is refused first with its path (see
+        :mod:`smai_plugin.checkpoint_checks`); torch's own errors do not name it.
         """
-        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
-        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and isinstance(ddp_kwargs, dict):
+        if "://" not in str(checkpoint_path):  # URLs go to torch as they are
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        """Check checkpoints before the trainer reads them; let DDP find unused parameters when fitting.
+
+        Lightning reads ``ckpt_path`` after this hook, and torch's errors do not name a damaged
+        file (see :mod:`smai_plugin.checkpoint_checks`). The discriminator and the generator step
+        after separate backward passes, and the discriminator's does not reach the generator's
+        parameters, so plain DDP would stop with "parameters that were not used in producing the loss".
+        """
+        strategy = self.trainer.strategy
+        if not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
+            strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if stage == "fit" and isinstance(strategy, DDPStrategy) and isinstance(ddp_kwargs, dict):
             if not ddp_kwargs.get("find_unused_parameters"):
                 rank_zero_info("SMAI: enabling DDP's find_unused_parameters (separate generator/discriminator steps).")
             ddp_kwargs["find_unused_parameters"] = True
@@ -376,8 +392,18 @@ class Smai(AnomalibModule):
         checkpoint["smai_map_settings"] = self._map_settings()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the saved random state for :meth:`on_train_start` of a resumed fit."""
+        """Keep the saved random state for :meth:`on_train_start` of a resumed fit.
+
+        The evaluator's entries are replaced by this model's own: metrics hold no learnt state, and a
+        checkpoint trained with other metrics (a config's AUPRO keeps a buffer) must still load.
+        """
         super().on_load_checkpoint(checkpoint)
+        if "state_dict" in checkpoint:
+            weights = {
+                key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("evaluator.")
+            }
+            metrics = {key: value for key, value in self.state_dict().items() if key.startswith("evaluator.")}
+            checkpoint["state_dict"] = weights | metrics
         self._saved_rng_state = checkpoint.get("smai_rng_state")
         saved, current = checkpoint.get("smai_map_settings", {}), self._map_settings()
         changed = [name for name, value in saved.items() if current.get(name) != value]
