@@ -157,7 +157,7 @@ class PenNetDiscriminator(nn.Module):
     Example:
         >>> discriminator = PenNetDiscriminator(base_channels=16)
         >>> discriminator(torch.randn(2, 3, 64, 64)).shape
-        torch.Size([2, 1, 4, 4])
+        torch.Size([2, 1, 3, 3])
 
     """
 
