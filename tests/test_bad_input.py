@@ -58,6 +58,7 @@ def train_images(root: Path) -> list[Path]:
         ({"compactness": -1.0}, "compactness must be positive"),
         ({"passes_per_batch": 0}, "passes_per_batch must be a whole number of at least 1"),
         ({"hole_weight": -1.0}, "weights must be non-negative"),
+        ({"sigma": -1.0}, "sigma must be non-negative"),
     ],
 )
 def test_invalid_config_is_refused_at_construction(kwargs: dict, match: str) -> None:

@@ -97,6 +97,8 @@ class Smai(AnomalibModule):
             keeps raw maps (one measure only). Defaults to ``"score"``.
         top_k_fraction (float): Image score: mean of this share of the highest pixels of the
             map it is taken from; ``0`` takes the maximum. Defaults to ``0.01``.
+        sigma (float): Standard deviation, in pixels of the scored image, of the Gaussian that
+            smooths each difference map; ``0`` turns smoothing off. Defaults to ``4.0``.
         image_size (int | tuple[int, int] | None): Size the default pre-processor resizes to
             (an int: a square); height and width must be multiples of 64. Defaults to
             ``(256, 256)``, the paper's.
@@ -147,6 +149,7 @@ class Smai(AnomalibModule):
         comparison: Comparison | str = Comparison.RECONSTRUCTION,
         calibration: Calibration | str = Calibration.SCORE,
         top_k_fraction: float = 0.01,
+        sigma: float = 4.0,
         image_size: int | tuple[int, int] | None = None,
         base_channels: int = 32,
         discriminator_channels: int = 64,
@@ -177,6 +180,7 @@ class Smai(AnomalibModule):
             comparison=comparison,
             calibration=calibration,
             top_k_fraction=top_k_fraction,
+            sigma=sigma,
             base_channels=base_channels,
             compactness=compactness,
             slic_iterations=slic_iterations,
