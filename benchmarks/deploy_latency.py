@@ -3,14 +3,18 @@
 Exports SMAI with anomalib's OpenVINO export and runs every test image of a category through the
 torch model (``Smai.forward``: pre-processing, scoring, post-processing) and through anomalib's
 ``OpenVINOInferencer`` with ``INFERENCE_PRECISION_HINT: f32`` (the parity setting) and as an
-OpenVINO user calls it (``OpenVINOInferencer(path, device="CPU")``: bf16 on CPUs that have it).
-Per runtime it prints seconds per image at batch 1, images per second at batch 8, and, with
-``--ckpt`` (a trained checkpoint), image AUROC, pixel AUROC and PRO of the deployed outputs and the
-largest difference of their anomaly maps from torch's. Without ``--ckpt`` the model is untrained and
-calibrated on a few training images (weights do not change the cost), and only speed is printed.
+OpenVINO user calls it (``OpenVINOInferencer(path, device="CPU")``: bf16 on CPUs that have it). Per
+runtime it prints seconds per image at batch 1, images per second at batch 8, and, with ``--ckpt``
+(a trained checkpoint), image AUROC, pixel AUROC and PRO of the deployed outputs and the largest
+difference of their anomaly maps from torch's. ``--compression`` adds exports compressed by
+anomalib's export (``fp16`` weights, ``int8`` weights, ``int8_ptq`` post-training quantisation).
+Without ``--ckpt`` the model is untrained and calibrated on a few training images (weights do not
+change the cost), and only speed is printed.
+
 Examples::
 
     python benchmarks/deploy_latency.py --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
+    python benchmarks/deploy_latency.py --ckpt <model.ckpt> --compression fp16 int8 int8_ptq
     python benchmarks/deploy_latency.py --config configs/smai_cpu.yaml --images 8  # speed only
     python benchmarks/deploy_latency.py --config configs/smai.yaml --scoring grouped
 """
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 from anomalib.data import ImageBatch, MVTecAD
 from anomalib.data.utils import read_image
-from anomalib.deploy import OpenVINOInferencer
+from anomalib.deploy import CompressionType, OpenVINOInferencer
 from anomalib.metrics import AUPRO, AUROC
 from common import model_init_args
 from torch.nn import functional as F  # noqa: N812
@@ -96,6 +100,13 @@ def main() -> None:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--images", type=int, help="test images used (default: all with --ckpt, else 8)")
     parser.add_argument("--scoring", help="override the config's scoring (without --ckpt)")
+    parser.add_argument(
+        "--compression",
+        nargs="*",
+        default=[],
+        choices=[kind.value for kind in CompressionType],
+        help="also export with anomalib's compression (NNCF: pip install 'smai-plugin[openvino]')",
+    )
     args = parser.parse_args()
 
     if args.ckpt:
@@ -127,6 +138,13 @@ def main() -> None:
             ),
             "OpenVINO CPU default precision": openvino_predict(OpenVINOInferencer(xml, device="CPU")),
         }
+        for kind in args.compression:  # int8_ptq/int8_acq calibrate on the datamodule (anomalib's choice of split)
+            compressed = model.to_openvino(
+                Path(export_root) / kind, compression_type=CompressionType(kind), datamodule=datamodule
+            )
+            runtimes[f"OpenVINO {kind}, CPU default precision"] = openvino_predict(
+                OpenVINOInferencer(compressed, device="CPU")
+            )
         rows, reference = [], None
         for name, predict in runtimes.items():
             row = {"runtime": name, "s/image (batch 1)": seconds_per_call(predict, singles)}

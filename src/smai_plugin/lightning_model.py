@@ -36,6 +36,7 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.transforms.utils import extract_transforms_by_type
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -549,6 +550,26 @@ class Smai(AnomalibModule):
         self._check_calibrated()
         kwargs.setdefault("opset_version", ONNX_OPSET)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(self, *args, compression_type: CompressionType | str | None = None, **kwargs) -> Path:
+        """Export to OpenVINO (:meth:`anomalib.models.AnomalibModule.to_openvino`).
+
+        ``fp16`` and ``int8`` (weights only) keep bottle's metrics within 0.004 of float32;
+        ``int8_ptq`` is refused: quantising the activations breaks the scoring (measured with
+        ``benchmarks/deploy_latency.py``).
+
+        Raises:
+            ValueError: If ``compression_type`` is ``int8_ptq``.
+
+        """
+        if compression_type is not None and CompressionType(compression_type) == CompressionType.INT8_PTQ:
+            msg = (
+                "SMAI does not survive int8_ptq: quantising its activations (superpixels, score maps, calibration) "
+                "dropped bottle's image AUROC from 0.983 to 0.500 and PRO from 0.756 to 0.588. Use "
+                "--compression_type int8 (weights only; image AUROC 0.979) or fp16 (0.980) instead."
+            )
+            raise ValueError(msg)
+        return super().to_openvino(*args, compression_type=compression_type, **kwargs)
 
     def to_torch(self, *args, **kwargs) -> Path:
         """Export to Torch (:meth:`anomalib.models.AnomalibModule.to_torch`), once calibrated."""
