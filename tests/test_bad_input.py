@@ -271,3 +271,21 @@ def test_damaged_checkpoint_is_named(checkpoint: Path, tmp_path: Path, damage: s
 def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=rf"No checkpoint file at {tmp_path / 'none.ckpt'}"):
         Smai.load_from_checkpoint(tmp_path / "none.ckpt")
+
+
+@pytest.mark.slow
+def test_training_files_the_layout_skips_are_named(root: Path, tmp_path: Path) -> None:
+    """JPEGs in train/good: anomalib's MVTecAD reads PNG only; all skipped refuses, some skipped warns."""
+    images = train_images(root)
+
+    def to_jpeg(paths: list[Path]) -> None:
+        for path in paths:
+            Image.open(path).save(path.with_suffix(".jpg"))
+            path.unlink()
+
+    to_jpeg(images[2:])
+    with pytest.warns(UserWarning, match=r"skips 2 file\(s\) in .*train/good \(.*\.jpg.*\): it reads .png files only"):
+        engine(tmp_path).fit(model=tiny_model(), datamodule=datamodule(root))
+    to_jpeg(images[:2])
+    with pytest.raises(ValueError, match=r"training set is empty.*skips 4 file\(s\)"):
+        engine(tmp_path).fit(model=tiny_model(), datamodule=datamodule(root))

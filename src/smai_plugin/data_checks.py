@@ -11,9 +11,12 @@ anomalib reads every image with ``PIL.Image.open(path).convert("RGB")`` and ever
   name the file;
 * a mask whose size differs from its image's is stretched to the image's size without notice;
 * an empty training folder fails inside the data loader's sampler with
-  ``num_samples should be a positive integer value, but got num_samples=0``.
+  ``num_samples should be a positive integer value, but got num_samples=0``;
+* training files that the MVTecAD layout skips (not ``.png``, or symbolic links leading out of
+  the dataset folder) are dropped without notice.
 
-:func:`check_dataset` refuses all of these with a ``ValueError`` that names the file. The
+:func:`check_dataset` refuses these with a ``ValueError`` that names the file (skipped training
+files that leave some images to train on get a warning instead). The
 Lightning model calls it when fitting, testing and predicting start. It decodes every image
 once, which costs far less than SMAI's scoring of the same images.
 
@@ -23,13 +26,17 @@ Example:
 
 """
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["HIGH_BIT_DEPTH_MODES", "check_dataloaders", "check_dataset", "check_image_file"]
+__all__ = ["HIGH_BIT_DEPTH_MODES", "check_dataloaders", "check_dataset", "check_image_file", "skipped_training_files"]
+
+MVTEC_EXTENSIONS = (".png", ".PNG")
+"""The file endings anomalib's MVTecAD layout reads."""
 
 HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 """Single-channel Pillow modes that ``convert("RGB")`` clips to 8 bits instead of rescaling."""
@@ -70,6 +77,35 @@ def check_image_file(path: str | Path) -> tuple[int, int]:
     return image.size
 
 
+def skipped_training_files(folder: str | Path) -> list[Path]:
+    """Files in ``<folder>/train/good`` that anomalib's MVTecAD layout does not read.
+
+    It reads ``.png`` and ``.PNG`` files only, and drops symbolic links that lead outside the
+    dataset's folder.
+    """
+    train = Path(folder) / "train" / "good"
+    if not train.is_dir():
+        return []
+    category = Path(folder).resolve()
+    return [
+        path
+        for path in sorted(train.iterdir())
+        if not path.name.startswith(".")
+        and (path.suffix not in MVTEC_EXTENSIONS or (path.is_symlink() and category not in path.resolve().parents))
+    ]
+
+
+def _skipped_note(skipped: list[Path]) -> str:
+    if not skipped:
+        return ""
+    names = ", ".join(path.name for path in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    return (
+        f" anomalib's MVTecAD layout skips {len(skipped)} file(s) in {skipped[0].parent} ({names}): it reads .png "
+        "files only, and no symbolic links that lead outside the dataset folder. Convert them to PNG, or copy "
+        "them in."
+    )
+
+
 def check_dataset(dataset: Dataset, split: str) -> tuple[int, int] | None:
     """Check every image (and mask) of an anomalib dataset before SMAI uses it.
 
@@ -94,14 +130,17 @@ def check_dataset(dataset: Dataset, split: str) -> tuple[int, int] | None:
     sizes = []
     samples = getattr(dataset, "samples", None)
     if samples is not None and hasattr(samples, "itertuples"):
+        folder = next((getattr(dataset, key) for key in ("root_category", "root") if hasattr(dataset, key)), None)
+        skipped = skipped_training_files(folder) if split == "train" and folder is not None else []
         if split == "train" and len(samples) == 0:
-            folder = next((getattr(dataset, key) for key in ("root_category", "root") if hasattr(dataset, key)), None)
             where = f" in {folder}" if folder is not None else ""
             msg = (
                 f"The training set is empty: no images were found{where}. SMAI learns from normal images; put them "
-                "in train/good (MVTecAD layout) or in the Folder datamodule's normal_dir."
+                f"in train/good (MVTecAD layout) or in the Folder datamodule's normal_dir.{_skipped_note(skipped)}"
             )
             raise ValueError(msg)
+        if skipped:
+            warnings.warn(f"Some training files are not used.{_skipped_note(skipped)}", stacklevel=2)
         for sample in samples.itertuples():
             size = check_image_file(sample.image_path)
             sizes.append(size)
