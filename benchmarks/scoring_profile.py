@@ -1,0 +1,70 @@
+"""Where SMAI's scoring time goes, per image, in PyTorch eager: SLIC, the inpainting passes, the measures.
+
+Times the whole ``Smai.forward`` (pre-processing, scoring, post-processing) and its parts on real
+test images at the model's size, at batch 1 and batch 8, after one warm-up call each. The parts
+overlap: the difference maps include SLIC and the measures timed alone below them; the rest of
+them is PEN-Net's inpainting. Examples::
+
+    python benchmarks/scoring_profile.py --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
+    python benchmarks/scoring_profile.py --config configs/smai_cpu.yaml  # untrained: the same cost
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from anomalib.data.utils import read_image
+from common import model_init_args
+
+from smai_plugin import Smai
+from smai_plugin.torch_model import to_signed
+
+
+def milliseconds_per_image(function: Callable[[], object], batch: int, repeats: int = 3) -> float:
+    function()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats / batch * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, help="trained checkpoint (else --config, untrained)")
+    parser.add_argument("--config", type=Path, default=Path("configs/smai_cpu.yaml"))
+    parser.add_argument("--root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--category", default="bottle")
+    args = parser.parse_args()
+
+    if args.ckpt:
+        model = Smai.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    else:
+        model = Smai(**model_init_args(args.config)).eval()
+    paths = sorted((args.root / args.category / "test").rglob("*.png"))[:8]
+    images = model.pre_processor(torch.stack([read_image(path, as_tensor=True) for path in paths]))
+    core, scorer = model.model, model.model.anomaly_map_generator
+    if core.calibration.value != "none" and not core.normal_statistics.is_fitted:
+        core.calibrate([images])  # statistics only change values, not the cost
+
+    print(f"{args.ckpt or args.config}: {tuple(images.shape[-2:])} images, {torch.get_num_threads()} torch threads")
+    print("| part | ms/image, batch 1 | ms/image, batch 8 |")
+    print("|---|---|---|")
+    with torch.no_grad():
+        parts = {
+            "whole `Smai.forward`": lambda x: model(x),
+            "SLIC superpixels": lambda x: core.masker(x),
+            "difference maps (SLIC, inpainting passes, measures)": lambda x: core.difference_maps(x),
+        }
+        for measure in scorer.measures:
+            parts[f"measure `{measure.value}` alone"] = lambda x, m=measure: scorer.dissimilarity.measure(
+                m, to_signed(x), to_signed(x)
+            )
+        for name, part in parts.items():
+            times = [milliseconds_per_image(lambda b=b, part=part: part(images[:b]), b) for b in (1, 8)]
+            print(f"| {name} | {times[0]:.1f} | {times[1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
