@@ -63,7 +63,8 @@ def check_checkpoint_file(path: str | Path) -> None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        damaged = f"{error}"
+        msg = f"The checkpoint {path} is damaged ({error}): {fix}."
+        raise ValueError(msg) from error
     if damaged is not None:
         msg = f"The checkpoint {path} is damaged (entry {damaged} fails its checksum): {fix}."
         raise ValueError(msg)
@@ -82,7 +83,7 @@ class CheckedCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Check a local file with :func:`check_checkpoint_file`, then read it with the wrapped reader."""
-        if "://" not in str(path) and Path(path).is_file():  # Lightning itself names missing files
+        if Path(path).is_file():  # local files only: Lightning names missing ones, torch fetches URLs
             check_checkpoint_file(path)
         return self.inner.load_checkpoint(path, *args, **kwargs)
 
