@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, TINY_MODEL_ARGS
+from .conftest import REPO, TINY_MODEL_ARGS, make_tiny_mvtec
 
 pytestmark = pytest.mark.slow
 
 ANOMALIB = str(Path(sys.executable).parent / "anomalib")
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, returncode: int = 0) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    assert result.returncode == returncode, output[-4000:]
     return output
 
 
@@ -162,3 +162,26 @@ def test_every_config_parses_and_the_cpu_config_runs(tiny_root: Path, tmp_path: 
         cwd=tmp_path,
     )
     assert_metrics_printed(output, (*ANOMALIB_METRICS, "pixel_AUPRO"))  # the configs add PRO
+
+
+@pytest.mark.parametrize("refusal", ["setting", "data"])
+def test_cli_shows_a_refusal_in_two_lines(tmp_path: Path, refusal: str) -> None:
+    """A refused setting (reported by jsonargparse) or data folder (raised in fit) ends in its message, no trace."""
+    root = make_tiny_mvtec(tmp_path / "data", n_train=2, n_good=1, n_defect=1)
+    args = [ANOMALIB, "train", "--model", "Smai", *tiny_cli_args(root), "--default_root_dir", str(tmp_path / "out")]
+    if refusal == "setting":
+        args += ["--model.n_masked", "10"]  # more than the 9 superpixels
+        message = "SMAI refused the input: n_masked must be between 1 and n_superpixels (9), got 10."
+    else:
+        for path in (root / "hazelnut_toy" / "train" / "good").iterdir():
+            path.unlink()
+        message = f"SMAI refused the input: The training set is empty: no images were found in {root / 'hazelnut_toy'}"
+    output = run(args, cwd=tmp_path, returncode=1)
+    assert "Traceback" not in output, output[-4000:]
+    last_lines = output.strip().splitlines()[-2:]
+    assert last_lines[0].startswith(message), output[-4000:]
+    assert last_lines[1] == "(The full traceback: rerun with SMAI_TRACEBACK=1.)"
+    if refusal == "setting":  # the full report stays one variable away
+        full = run(args, cwd=tmp_path, env={"SMAI_TRACEBACK": "1"}, returncode=1)
+        assert "Traceback" in full
+        assert message.removeprefix("SMAI refused the input: ") in full

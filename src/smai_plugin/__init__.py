@@ -9,14 +9,19 @@ Example:
     >>> from smai_plugin import Smai
     >>> model = Smai(score_measure="l2")  # doctest: +SKIP
 
-The heavy imports (torch, anomalib) happen only when ``Smai`` or ``SmaiModel`` is first
-used, so the start-up hook costs nothing for Python programs that never touch anomalib.
+Every input SMAI refuses raises :class:`SmaiInputError` (a ``ValueError``) whose message names
+the setting, file or folder and the fix.
+
+The heavy imports (torch, anomalib) happen only when ``Smai`` or ``SmaiModel`` is first used,
+so the start-up hook costs nothing for Python programs that never touch anomalib.
 
 """
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Smai", "SmaiModel"]
+from .errors import SmaiInputError
+
+__all__ = ["Smai", "SmaiInputError", "SmaiModel"]
 
 if TYPE_CHECKING:
     from .lightning_model import Smai

@@ -3,6 +3,8 @@
 from enum import Enum
 from typing import TypeVar
 
+from .errors import SmaiInputError
+
 EnumT = TypeVar("EnumT", bound=Enum)
 
 
@@ -15,13 +17,13 @@ def check_int(value: object, name: str, minimum: int = 1, multiple_of: int = 1) 
         >>> check_int(2.5, "n_superpixels")
         Traceback (most recent call last):
         ...
-        ValueError: n_superpixels must be a whole number of at least 1, got 2.5.
+        smai_plugin.errors.SmaiInputError: n_superpixels must be a whole number of at least 1, got 2.5.
 
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple_of:
         multiple = f", a multiple of {multiple_of}" if multiple_of > 1 else ""
         msg = f"{name} must be a whole number of at least {minimum}{multiple}, got {value!r}."
-        raise ValueError(msg)
+        raise SmaiInputError(msg)
     return value
 
 
@@ -38,4 +40,4 @@ def parse_enum(enum: type[EnumT], value: EnumT | str, name: str) -> EnumT:
         return enum(value)
     except ValueError:
         msg = f"Unknown {name} {value!r}; choose one of {[member.value for member in enum]}."
-        raise ValueError(msg) from None
+        raise SmaiInputError(msg) from None

@@ -47,6 +47,7 @@ from kornia.filters import gaussian_blur2d
 from torch import nn
 
 from ._config import check_int, parse_enum
+from .errors import SmaiInputError
 from .similarity import Dissimilarity, ScoreMeasure
 
 
@@ -153,11 +154,11 @@ class AnomalyMapGenerator(nn.Module):
         self.dissimilarity = Dissimilarity(score_measure)
         if self.comparison == Comparison.PER_PASS and ScoreMeasure.FEATURES in self.dissimilarity.measures:
             msg = "score_measure 'features' compares whole images: use it with comparison='reconstruction'."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         check_int(passes_per_batch, "passes_per_batch")
         if sigma < 0:
             msg = f"sigma must be non-negative, got {sigma}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         self.passes_per_batch = passes_per_batch
         self.sigma = sigma
 

@@ -37,6 +37,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from .errors import SmaiInputError
+
 
 class Calibration(str, Enum):
     """How the normal statistics are used.
@@ -65,7 +67,7 @@ class NormalStatistics(nn.Module):
         super().__init__()
         if not 0 <= floor_quantile <= 1:
             msg = f"floor_quantile must be in [0, 1], got {floor_quantile}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         self.floor_quantile = floor_quantile
         # Empty until fitted; resized to the checkpoint's statistics when one is loaded.
         self.register_buffer("mean", torch.empty(0))
@@ -109,7 +111,7 @@ class NormalStatistics(nn.Module):
             count += batch.shape[0]
         if count < 2:
             msg = f"Calibration needs at least 2 normal images, got {count}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         mean = total / count
         spread = ((squares - count * mean.square()).clamp(min=0) / (count - 1)).sqrt()
         floor = spread.flatten(2).quantile(self.floor_quantile, dim=2)[..., None, None]
@@ -139,10 +141,10 @@ class NormalStatistics(nn.Module):
     def _check(self, maps: torch.Tensor) -> None:
         if not self.is_fitted:
             msg = "The normal statistics are not fitted: SMAI calibrates on the training images when fitting."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         if maps.shape[1:] != self.mean.shape[1:]:
             msg = (
                 f"Maps of shape {tuple(maps.shape[1:])} (measures, height, width) cannot be calibrated with "
                 f"statistics fitted on {tuple(self.mean.shape[1:])}: score images at the size the model was trained at."
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)

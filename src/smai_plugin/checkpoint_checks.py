@@ -21,7 +21,7 @@ Example:
     >>> check_checkpoint_file(path)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: The checkpoint .../model.ckpt is not a complete PyTorch checkpoint (100 bytes; ...
+    smai_plugin.errors.SmaiInputError: The checkpoint .../model.ckpt is not a complete PyTorch checkpoint (100 bytes...
 
 """
 
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.plugins.io import CheckpointIO
+
+from .errors import MissingCheckpointError, SmaiInputError
 
 __all__ = ["CheckedCheckpointIO", "check_checkpoint_file"]
 
@@ -51,23 +53,23 @@ def check_checkpoint_file(path: str | Path) -> None:
             f"No checkpoint file at {path}: check the path "
             "(anomalib saves results/Smai/<dataset>/<category>/latest/weights/lightning/model.ckpt)."
         )
-        raise FileNotFoundError(msg)
+        raise MissingCheckpointError(msg)
     fix = "train again, or use another checkpoint (e.g. last.ckpt, or one from an earlier run)"
     if not zipfile.is_zipfile(path):
         msg = (
             f"The checkpoint {path} is not a complete PyTorch checkpoint ({path.stat().st_size} bytes; "
             f"truncated, empty or another kind of file): {fix}."
         )
-        raise ValueError(msg)
+        raise SmaiInputError(msg)
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         msg = f"The checkpoint {path} is damaged ({error}): {fix}."
-        raise ValueError(msg) from error
+        raise SmaiInputError(msg) from error
     if damaged is not None:
         msg = f"The checkpoint {path} is damaged (entry {damaged} fails its checksum): {fix}."
-        raise ValueError(msg)
+        raise SmaiInputError(msg)
 
 
 class CheckedCheckpointIO(CheckpointIO):

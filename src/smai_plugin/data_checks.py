@@ -33,6 +33,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .errors import SmaiInputError
+
 __all__ = ["HIGH_BIT_DEPTH_MODES", "check_dataloaders", "check_dataset", "check_image_file", "skipped_training_files"]
 
 MVTEC_EXTENSIONS = (".png", ".PNG")
@@ -50,7 +52,7 @@ def _read(path: str | Path, kind: str) -> Image.Image:
             return image
     except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
         msg = f"Cannot read {kind} file {path} ({error}). It is missing, truncated or corrupt: replace or remove it."
-        raise ValueError(msg) from error
+        raise SmaiInputError(msg) from error
 
 
 def check_image_file(path: str | Path) -> tuple[int, int]:
@@ -73,7 +75,7 @@ def check_image_file(path: str | Path) -> tuple[int, int]:
             "RGB and would clip it to nearly white. Convert it to 8 bits first, e.g. with Pillow: "
             "Image.fromarray((np.asarray(image) >> 8).astype(np.uint8)) for 16-bit data."
         )
-        raise ValueError(msg)
+        raise SmaiInputError(msg)
     return image.size
 
 
@@ -138,7 +140,7 @@ def check_dataset(dataset: Dataset, split: str) -> tuple[int, int] | None:
                 f"The training set is empty: no images were found{where}. SMAI learns from normal images; put them "
                 f"in train/good (MVTecAD layout) or in the Folder datamodule's normal_dir.{_skipped_note(skipped)}"
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         if skipped:
             warnings.warn(f"Some training files are not used.{_skipped_note(skipped)}", stacklevel=2)
         for sample in samples.itertuples():
@@ -152,7 +154,7 @@ def check_dataset(dataset: Dataset, split: str) -> tuple[int, int] | None:
                         f"Mask {mask_path} is {mask_size[0]}x{mask_size[1]} (width x height) but its image "
                         f"{sample.image_path} is {size[0]}x{size[1]}: a mask must have the size of its image."
                     )
-                    raise ValueError(msg)
+                    raise SmaiInputError(msg)
     sizes += [check_image_file(path) for path in getattr(dataset, "image_filenames", None) or ()]
     return min(sizes, key=lambda size: size[0] * size[1], default=None)
 

@@ -54,6 +54,7 @@ from .anomaly_map import Comparison
 from .calibration import Calibration
 from .checkpoint_checks import CheckedCheckpointIO, check_checkpoint_file
 from .data_checks import check_dataloaders, check_dataset
+from .errors import SmaiInputError
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator
 from .similarity import ScoreMeasure
@@ -194,12 +195,12 @@ class Smai(AnomalibModule):
         loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)
         if check_int(n_masked, "n_masked") > n_superpixels:
             msg = f"n_masked must be between 1 and n_superpixels ({n_superpixels}), got {n_masked}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         if max_steps is not None:
             check_int(max_steps, "max_steps")
         if learning_rate <= 0:
             msg = f"learning_rate must be positive, got {learning_rate}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         if isinstance(image_size, int) and not isinstance(image_size, bool):
             image_size = (image_size, image_size)  # a square, as anomalib's models read an int size
         # The size the default pre-processor resizes to; a custom one is checked on the first batch.
@@ -251,13 +252,13 @@ class Smai(AnomalibModule):
             return
         if len(image_size) != 2 or any(side < SIZE_MULTIPLE or side % SIZE_MULTIPLE for side in image_size):
             msg = f"image_size must be (height, width), each a positive multiple of {SIZE_MULTIPLE}, got {image_size}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         if n_superpixels > image_size[0] * image_size[1]:
             msg = (
                 f"n_superpixels ({n_superpixels}) exceeds the {image_size[0] * image_size[1]} pixels of "
                 f"{image_size[0]}x{image_size[1]} images: lower n_superpixels or raise image_size."
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
 
     @classmethod
     def checkpoint_safe_globals(cls) -> tuple[type, ...]:
@@ -353,7 +354,7 @@ class Smai(AnomalibModule):
                 "has no statistics and no training images are available: fit it first, load the checkpoint of a "
                 "fitted model, or pass a datamodule that has the training images."
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         loader = DataLoader(
             dataset,
             batch_size=datamodule.eval_batch_size,
@@ -453,7 +454,7 @@ class Smai(AnomalibModule):
             self._saved_rng_state = None
         if self.pre_processor and extract_transforms_by_type(self.pre_processor.transform, Normalize):
             msg = "SMAI's pre-processor must not normalise images (SMAI works on [0, 1] RGB): remove Normalize."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """Adam for the generator and for the discriminator, betas (0.5, 0.999) as in PEN-Net."""
@@ -531,7 +532,7 @@ class Smai(AnomalibModule):
             paths = getattr(batch, "image_path", None)
             names = [str(paths[index]) for index in bad] if paths else [f"batch index {index}" for index in bad]
             msg = f"Input images contain NaN or infinite values: {', '.join(names)}. Check the data and the transforms."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
 
     def to_onnx(
         self,
@@ -568,7 +569,7 @@ class Smai(AnomalibModule):
                 "dropped bottle's image AUROC from 0.983 to 0.500 and PRO from 0.756 to 0.588. Use "
                 "--compression_type int8 (weights only; image AUROC 0.979) or fp16 (0.980) instead."
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         return super().to_openvino(*args, compression_type=compression_type, **kwargs)
 
     def to_torch(self, *args, **kwargs) -> Path:
@@ -584,7 +585,7 @@ class Smai(AnomalibModule):
                 "without them: export after fitting (validation calibrates), or from a checkpoint saved at the end "
                 "of training."
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
 
     def _last_iteration(self) -> int:
         """Count the iterations after which training stops (a huge number when unbounded)."""

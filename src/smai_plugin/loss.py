@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from .errors import SmaiInputError
 from .similarity import ssim_map
 
 
@@ -60,7 +61,7 @@ class SmaiLoss(nn.Module):
         negative = {name: weight for name, weight in self.weights.items() if weight < 0}
         if negative:
             msg = f"Loss weights must be non-negative, got {negative}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
 
     def forward(
         self,

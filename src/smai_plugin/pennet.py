@@ -28,6 +28,7 @@ from torch.nn.utils import spectral_norm
 
 from ._config import check_int
 from .attention import AttentionTransfer
+from .errors import SmaiInputError
 
 N_LEVELS = 6
 
@@ -108,7 +109,7 @@ class PenNetGenerator(nn.Module):
         """
         if not 0 < budget <= 1:
             msg = f"The attention budget must be in (0, 1], got {budget}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         for level in self.attention[:2]:
             level.query_budget = budget
 

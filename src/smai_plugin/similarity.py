@@ -34,6 +34,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from ._config import parse_enum
 from .backbone import OFFLINE_BACKBONE
+from .errors import SmaiInputError
 
 SSIM_WINDOW = 11
 # GMS stability constant for images in [0, 1] (GMSD's 170 for [0, 255], divided by 255^2).
@@ -184,7 +185,7 @@ def parse_measures(score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | s
     measures = tuple(parse_enum(ScoreMeasure, value, "score_measure") for value in values)
     if not measures or len(set(measures)) != len(measures):
         msg = f"score_measure must be one measure or a list of distinct ones, got {score_measure!r}."
-        raise ValueError(msg)
+        raise SmaiInputError(msg)
     return measures
 
 

@@ -30,6 +30,7 @@ from kornia.color import rgb_to_lab
 from torch import nn
 
 from ._config import check_int
+from .errors import SmaiInputError
 
 
 def superpixel_grid(n_superpixels: int, height: int, width: int) -> tuple[int, int]:
@@ -82,7 +83,7 @@ class SuperpixelMasker(nn.Module):
         check_int(n_superpixels, "n_superpixels")
         if compactness <= 0:
             msg = f"compactness must be positive, got {compactness}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         check_int(slic_iterations, "slic_iterations")
         self.n_superpixels = n_superpixels
         self.compactness = compactness
@@ -105,7 +106,7 @@ class SuperpixelMasker(nn.Module):
                 f"n_superpixels ({self.n_superpixels}) exceeds the {height * width} pixels of {height}x{width} "
                 "images: lower n_superpixels or use larger images."
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         rows, cols = superpixel_grid(self.n_superpixels, height, width)
         step = math.sqrt(height * width / (rows * cols))
         # Spatial coordinates are divided by the grid step and scaled by the compactness, so a

@@ -33,6 +33,7 @@ from torch import nn
 from ._config import check_int, parse_enum
 from .anomaly_map import AnomalyMapGenerator, Comparison, crop_passes
 from .calibration import Calibration, NormalStatistics
+from .errors import SmaiInputError
 from .pennet import N_LEVELS, PenNetGenerator
 from .similarity import ScoreMeasure
 from .superpixel import SuperpixelMasker, superpixel_grid
@@ -190,10 +191,10 @@ class SmaiModel(nn.Module):
         self.calibration = parse_enum(Calibration, calibration, "calibration")
         if len(self.anomaly_map_generator.measures) > 1 and self.calibration == Calibration.NONE:
             msg = "Several score measures are averaged on the normal images' scale: calibrate, or pick one measure."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         if not 0 <= top_k_fraction < 1:
             msg = f"top_k_fraction must be in [0, 1), got {top_k_fraction}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         self.normal_statistics = NormalStatistics()
         self.top_k_fraction = top_k_fraction
 
@@ -213,7 +214,7 @@ class SmaiModel(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"SMAI expects RGB image batches of shape (B, 3, H, W), got {tuple(images.shape)}."
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
         height, width = images.shape[-2:]
         if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
             msg = (
@@ -221,7 +222,7 @@ class SmaiModel(nn.Module):
                 f"them {N_LEVELS} times), got {height}x{width}. Resize with the pre-processor, e.g. "
                 f"Smai(image_size=(256, 256))."
             )
-            raise ValueError(msg)
+            raise SmaiInputError(msg)
 
     def forward(
         self,
@@ -244,7 +245,7 @@ class SmaiModel(nn.Module):
         if self.training:
             if holes is None:
                 msg = "In train mode SmaiModel inpaints under given holes: call model(images, holes)."
-                raise ValueError(msg)
+                raise SmaiInputError(msg)
             return self.generator(to_signed(images), holes)
         maps = self.difference_maps(images)
         if self.calibration == Calibration.NONE:
