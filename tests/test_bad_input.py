@@ -16,7 +16,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import Resize
 
-from smai_plugin import Smai
+from smai_plugin import Smai, SmaiInputError
+from smai_plugin.data_checks import check_layout
 from smai_plugin.superpixel import SuperpixelMasker
 
 from .conftest import TINY_MODEL_ARGS, make_tiny_mvtec
@@ -289,3 +290,37 @@ def test_training_files_the_layout_skips_are_named(root: Path, tmp_path: Path) -
     to_jpeg(images[:2])
     with pytest.raises(ValueError, match=r"training set is empty.*skips 4 file\(s\)"):
         engine(tmp_path).fit(model=tiny_model(), datamodule=datamodule(root))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["mvtec", "folder"])
+def test_defective_image_without_mask_is_named(root: Path, tmp_path: Path, layout: str) -> None:
+    """anomalib itself fails in pandas or NumPy naming no file; SMAI checks first, from configure_callbacks."""
+    image = sorted((root / CATEGORY / "test").glob("[!g]*/*.png"))[0]
+    mask = root / CATEGORY / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+    mask.unlink()
+    if layout == "mvtec":
+        data = datamodule(root)
+    else:
+        data = Folder(
+            name="no_mask",
+            root=root / CATEGORY,
+            normal_dir="train/good",
+            abnormal_dir=f"test/{image.parent.name}",
+            mask_dir=f"ground_truth/{image.parent.name}",
+            num_workers=0,
+        )
+    with pytest.raises(SmaiInputError, match=rf"1 defective test image\(s\) have no mask in .*: {image}\. Every"):
+        engine(tmp_path).fit(tiny_model(), datamodule=data)
+
+
+def test_missing_category_is_refused_before_a_download(tmp_path: Path) -> None:
+    """A category MVTec AD does not have cannot be downloaded: refused, and nothing is created."""
+    missing_root = tmp_path / "no_such_root"
+    data = MVTecAD(root=missing_root, category="botle", num_workers=0)
+    with pytest.raises(SmaiInputError, match=rf"No dataset folder {missing_root / 'botle'} .*not an MVTec AD category"):
+        engine(tmp_path).fit(tiny_model(), datamodule=data)
+    assert not missing_root.exists()
+    # One of MVTec AD's categories is downloaded by anomalib: SMAI says so first (not run here: offline).
+    with pytest.warns(UserWarning, match=r"anomalib downloads MVTec AD into .*no_such_root now, which needs internet"):
+        check_layout(MVTecAD(root=missing_root, category="bottle"))

@@ -13,12 +13,19 @@ anomalib reads every image with ``PIL.Image.open(path).convert("RGB")`` and ever
 * an empty training folder fails inside the data loader's sampler with
   ``num_samples should be a positive integer value, but got num_samples=0``;
 * training files that the MVTecAD layout skips (not ``.png``, or symbolic links leading out of
-  the dataset folder) are dropped without notice.
+  the dataset folder) are dropped without notice;
+* a defective test image without its mask fails while the data module builds its table, in
+  pandas (``Must have equal len keys and value ...``) or NumPy, naming no file;
+* an MVTecAD ``root``/``category`` that does not exist starts a download of MVTec AD, which
+  cannot help for a category MVTec AD does not have (offline: a long ``URLError`` trace).
 
 :func:`check_dataset` refuses these with a ``ValueError`` that names the file (skipped training
 files that leave some images to train on get a warning instead). The
 Lightning model calls it when fitting, testing and predicting start. It decodes every image
-once, which costs far less than SMAI's scoring of the same images.
+once, which costs far less than SMAI's scoring of the same images. :func:`check_layout` checks
+the folders of the last two before the data module reads them (from the model's
+``configure_callbacks``, the first hook Lightning calls, before the data module's
+``prepare_data`` and ``setup``).
 
 Example:
     >>> from anomalib.data.datasets import MVTecADDataset
@@ -35,7 +42,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import SmaiInputError
 
-__all__ = ["HIGH_BIT_DEPTH_MODES", "check_dataloaders", "check_dataset", "check_image_file", "skipped_training_files"]
+__all__ = [
+    "HIGH_BIT_DEPTH_MODES",
+    "check_dataloaders",
+    "check_dataset",
+    "check_image_file",
+    "check_layout",
+    "skipped_training_files",
+]
 
 MVTEC_EXTENSIONS = (".png", ".PNG")
 """The file endings anomalib's MVTecAD layout reads."""
@@ -174,3 +188,78 @@ def check_dataloaders(dataloaders: DataLoader | Iterable[DataLoader] | None, spl
     datasets = [loader.dataset for loader in loaders if getattr(loader, "dataset", None) is not None]
     sizes = [size for size in (check_dataset(dataset, split) for dataset in datasets) if size is not None]
     return min(sizes, key=lambda size: size[0] * size[1], default=None)
+
+
+def _images(folders: Iterable[Path], extensions: Iterable[str]) -> list[Path]:
+    wanted = {extension.lower() for extension in extensions}
+    return sorted(path for folder in folders for path in folder.rglob("*") if path.suffix.lower() in wanted)
+
+
+def _refuse_unmatched(images: list[Path], masks: list[Path], where: str) -> None:
+    """Refuse defective images that have no mask (anomalib pairs them by a stem the mask's contains)."""
+    mask_stems = [mask.stem for mask in masks]
+    unmatched = [image for image in images if not any(image.stem in stem for stem in mask_stems)]
+    if unmatched:
+        names = ", ".join(str(image) for image in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
+        msg = (
+            f"{len(unmatched)} defective test image(s) have no mask {where}: {names}. Every defective image "
+            "needs a mask to compute pixel metrics: add the masks, or move the images out of the dataset."
+        )
+        raise SmaiInputError(msg)
+
+
+def check_layout(datamodule: object) -> None:
+    """Refuse data folders that anomalib's MVTecAD and Folder data modules would fail on unclearly.
+
+    An MVTecAD category folder that does not exist is refused when the category is not one of
+    MVTec AD's (anomalib would try to download it); for one of MVTec AD's a warning says that
+    anomalib downloads it now (which needs internet). A defective test image without a mask is
+    refused with its path. Other data modules are left alone.
+
+    Args:
+        datamodule (object): The trainer's data module (or ``None``).
+
+    Raises:
+        SmaiInputError: If the category folder is missing and cannot be downloaded, or if a
+            defective test image has no mask.
+
+    """
+    from anomalib.data import Folder, MVTecAD
+    from anomalib.data.datasets.image.mvtecad import CATEGORIES
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # what anomalib's Folder reads by default
+
+    if isinstance(datamodule, MVTecAD):
+        root, category = Path(datamodule.root), datamodule.category
+        folder = root / category
+        if not folder.is_dir():
+            found = sorted(path.name for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+            holds = f"{root} holds {', '.join(found)}" if found else f"{root} holds no category folders"
+            if category not in CATEGORIES:
+                msg = (
+                    f"No dataset folder {folder} ({holds}), and '{category}' is not an MVTec AD category that "
+                    "anomalib could download: check data.root and data.category (the training images belong "
+                    "in <root>/<category>/train/good)."
+                )
+                raise SmaiInputError(msg)
+            warnings.warn(
+                f"No dataset folder {folder} ({holds}): anomalib downloads MVTec AD into {root} now, which needs "
+                "internet. If the images are elsewhere, set data.root (images in <root>/<category>/train/good).",
+                stacklevel=2,
+            )
+            return
+        for defect in sorted(path for path in (folder / "test").glob("*") if path.is_dir() and path.name != "good"):
+            masks = folder / "ground_truth" / defect.name
+            _refuse_unmatched(_images([defect], MVTEC_EXTENSIONS), _images([masks], MVTEC_EXTENSIONS), f"in {masks}")
+    elif isinstance(datamodule, Folder) and datamodule.abnormal_dir and datamodule.mask_dir:
+
+        def folders(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+            paths = [paths] if isinstance(paths, str | Path) else list(paths)
+            return [Path(datamodule.root or "") / path for path in paths]  # absolute paths stay absolute
+
+        extensions = datamodule.extensions or IMG_EXTENSIONS
+        mask_folders = folders(datamodule.mask_dir)
+        _refuse_unmatched(
+            _images(folders(datamodule.abnormal_dir), extensions),
+            _images(mask_folders, extensions),
+            f"in {', '.join(map(str, mask_folders))}",
+        )

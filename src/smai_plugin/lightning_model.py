@@ -42,6 +42,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -53,7 +54,7 @@ from ._config import check_int
 from .anomaly_map import Comparison
 from .calibration import Calibration
 from .checkpoint_checks import CheckedCheckpointIO, check_checkpoint_file
-from .data_checks import check_dataloaders, check_dataset
+from .data_checks import check_dataloaders, check_dataset, check_layout
 from .errors import SmaiInputError
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator
@@ -275,6 +276,15 @@ class Smai(AnomalibModule):
         if "://" not in str(checkpoint_path):  # URLs go to torch as they are
             check_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """Anomalib's component callbacks; first checks the data folders (see :func:`.data_checks.check_layout`).
+
+        Lightning calls this hook before the data module's ``prepare_data`` (which downloads)
+        and ``setup`` (which reads the folders), so it is SMAI's first chance to check them.
+        """
+        check_layout(getattr(self._trainer, "datamodule", None))
+        return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
         """Check checkpoints before the trainer reads them; let DDP find unused parameters when fitting.
