@@ -324,3 +324,12 @@ def test_missing_category_is_refused_before_a_download(tmp_path: Path) -> None:
     # One of MVTec AD's categories is downloaded by anomalib: SMAI says so first (not run here: offline).
     with pytest.warns(UserWarning, match=r"anomalib downloads MVTec AD into .*no_such_root now, which needs internet"):
         check_layout(MVTecAD(root=missing_root, category="bottle"))
+
+
+@pytest.mark.slow
+def test_broken_symbolic_link_is_named(root: Path, tmp_path: Path) -> None:
+    """anomalib alone reports "missing file path(s) in samples" without naming the link."""
+    link = root / CATEGORY / "train" / "good" / "zz_link.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(SmaiInputError, match=rf"1 broken symbolic link\(s\) in the dataset: {link}\. Remove them"):
+        engine(tmp_path).fit(tiny_model(), datamodule=datamodule(root))

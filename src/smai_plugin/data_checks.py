@@ -208,20 +208,29 @@ def _refuse_unmatched(images: list[Path], masks: list[Path], where: str) -> None
         raise SmaiInputError(msg)
 
 
+def _refuse_broken_links(folders: Iterable[Path]) -> None:
+    broken = sorted(path for folder in folders for path in folder.rglob("*") if path.is_symlink() and not path.exists())
+    if broken:
+        names = ", ".join(str(path) for path in broken[:3]) + (", ..." if len(broken) > 3 else "")
+        msg = f"{len(broken)} broken symbolic link(s) in the dataset: {names}. Remove them or restore their targets."
+        raise SmaiInputError(msg)
+
+
 def check_layout(datamodule: object) -> None:
     """Refuse data folders that anomalib's MVTecAD and Folder data modules would fail on unclearly.
 
     An MVTecAD category folder that does not exist is refused when the category is not one of
     MVTec AD's (anomalib would try to download it); for one of MVTec AD's a warning says that
     anomalib downloads it now (which needs internet). A defective test image without a mask is
-    refused with its path. Other data modules are left alone.
+    refused with its path, and so is a broken symbolic link (anomalib would report "missing
+    file path(s)" without a name). Other data modules are left alone.
 
     Args:
         datamodule (object): The trainer's data module (or ``None``).
 
     Raises:
-        SmaiInputError: If the category folder is missing and cannot be downloaded, or if a
-            defective test image has no mask.
+        SmaiInputError: If the category folder is missing and cannot be downloaded, if a
+            defective test image has no mask, or if a symbolic link is broken.
 
     """
     from anomalib.data import Folder, MVTecAD
@@ -247,19 +256,20 @@ def check_layout(datamodule: object) -> None:
                 stacklevel=2,
             )
             return
+        _refuse_broken_links([folder])
         for defect in sorted(path for path in (folder / "test").glob("*") if path.is_dir() and path.name != "good"):
             masks = folder / "ground_truth" / defect.name
             _refuse_unmatched(_images([defect], MVTEC_EXTENSIONS), _images([masks], MVTEC_EXTENSIONS), f"in {masks}")
-    elif isinstance(datamodule, Folder) and datamodule.abnormal_dir and datamodule.mask_dir:
+    elif isinstance(datamodule, Folder):
 
-        def folders(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-            paths = [paths] if isinstance(paths, str | Path) else list(paths)
+        def folders(paths: str | Path | Iterable[str | Path] | None) -> list[Path]:
+            paths = [] if paths is None else [paths] if isinstance(paths, str | Path) else list(paths)
             return [Path(datamodule.root or "") / path for path in paths]  # absolute paths stay absolute
 
-        extensions = datamodule.extensions or IMG_EXTENSIONS
-        mask_folders = folders(datamodule.mask_dir)
-        _refuse_unmatched(
-            _images(folders(datamodule.abnormal_dir), extensions),
-            _images(mask_folders, extensions),
-            f"in {', '.join(map(str, mask_folders))}",
-        )
+        defective, masks = folders(datamodule.abnormal_dir), folders(datamodule.mask_dir)
+        _refuse_broken_links(folders(datamodule.normal_dir) + folders(datamodule.normal_test_dir) + defective + masks)
+        if defective and masks:
+            extensions = datamodule.extensions or IMG_EXTENSIONS
+            _refuse_unmatched(
+                _images(defective, extensions), _images(masks, extensions), f"in {', '.join(map(str, masks))}"
+            )
