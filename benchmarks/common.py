@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: a config's model arguments, and trained checkpoints rescored.
+"""What the benchmark scripts share: a config's model arguments, trained checkpoints rescored, a memory meter.
 
 Every script builds SMAI from an anomalib CLI config (``configs/*.yaml``) and chooses its own
 metrics, so the config's ``evaluator`` (a ``class_path`` spec, which only anomalib's CLI builds)
@@ -11,9 +11,12 @@ Example:
 
 """
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 
@@ -45,3 +48,34 @@ def load_for_scoring(checkpoint: Path, **settings: Any) -> Smai:
         ]
     )
     return model
+
+
+class PeakMemory:
+    """Resident-set high-water mark, sampled every 10 ms in a thread while the block runs.
+
+    ``peak_mib``: the peak above the level at entry (what the block itself added);
+    ``peak_rss_mib``: the process's whole resident set at its peak.
+    """
+
+    def __enter__(self) -> "PeakMemory":
+        self._process = psutil.Process()
+        self._base = self._process.memory_info().rss
+        self.peak_rss_mib = self._base / 2**20
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def peak_mib(self) -> float:
+        return max(0.0, self.peak_rss_mib - self._base / 2**20)
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc: object) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)

@@ -4,37 +4,50 @@ Exports SMAI with anomalib's OpenVINO export and runs every test image of a cate
 torch model (``Smai.forward``: pre-processing, scoring, post-processing) and through anomalib's
 ``OpenVINOInferencer`` with ``INFERENCE_PRECISION_HINT: f32`` (the parity setting) and as an
 OpenVINO user calls it (``OpenVINOInferencer(path, device="CPU")``: bf16 on CPUs that have it). Per
-runtime it prints seconds per image at batch 1, images per second at batch 8, and, with ``--ckpt``
-(a trained checkpoint), image AUROC, pixel AUROC and PRO of the deployed outputs and the largest
-difference of their anomaly maps from torch's. ``--compression`` adds exports compressed by
-anomalib's export (``fp16`` weights, ``int8`` weights, ``int8_ptq`` post-training quantisation).
-Without ``--ckpt`` the model is untrained and calibrated on a few training images (weights do not
-change the cost), and only speed is printed.
+runtime it prints seconds per image at batch 1, images per second at batch 8, the peak resident
+memory of the process that ran it, and, with ``--ckpt`` (a trained checkpoint), image AUROC,
+pixel AUROC and PRO of the deployed outputs and the largest difference of their anomaly maps from
+torch's. ``--compression`` adds exports compressed by anomalib's export (``fp16`` weights, ``int8``
+weights, ``int8_ptq`` post-training quantisation). ``--patchcore`` fits anomalib's PatchCore
+(the benchmark's settings: offline EfficientNet-Lite0, 1% coreset) on the same training images
+and adds its PyTorch row, on the same test images in the same run. Without
+``--ckpt`` the model is untrained and calibrated on a few training images (weights do not change
+the cost), and only speed is printed.
+
+Every runtime runs in a fresh process, so its peak memory (the process's resident set at its
+peak while the runtime is built, warmed up and run: Python, torch, anomalib and the runtime
+included) is its own.
 
 Examples::
 
     python benchmarks/deploy_latency.py --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
-    python benchmarks/deploy_latency.py --ckpt <model.ckpt> --compression fp16 int8 int8_ptq
+    python benchmarks/deploy_latency.py --ckpt <model.ckpt> --compression fp16 int8 int8_ptq --patchcore
     python benchmarks/deploy_latency.py --config configs/smai_cpu.yaml --images 8  # speed only
     python benchmarks/deploy_latency.py --config configs/smai.yaml --scoring grouped
 """
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from anomalib.data import ImageBatch, MVTecAD
 from anomalib.data.utils import read_image
 from anomalib.deploy import CompressionType, OpenVINOInferencer
+from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC
-from common import model_init_args
+from anomalib.models import Patchcore
+from common import PeakMemory, model_init_args
 from torch.nn import functional as F  # noqa: N812
 
 from smai_plugin import Smai
+from smai_plugin.backbone import OFFLINE_BACKBONE
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N, 3, H, W) -> scores (N,), maps (N, H, W)
 
@@ -60,11 +73,39 @@ def openvino_predict(inferencer: OpenVINOInferencer) -> Predict:
 
 
 def seconds_per_call(predict: Predict, batches: list[np.ndarray]) -> float:
-    predict(batches[0])  # warm-up
     start = time.perf_counter()
     for batch in batches:
         predict(batch)
     return (time.perf_counter() - start) / len(batches)
+
+
+def run_runtime(runtime: tuple[str, str, dict | None], singles: list[np.ndarray], eights: list[np.ndarray]) -> dict:
+    """Build one runtime in this (fresh) process and time it; return timings, peak memory and outputs.
+
+    ``runtime`` is ``("torch", <pickled model file>, None)`` or ``("openvino", <xml>, <config>)``.
+    """
+    kind, source, config = runtime
+    with PeakMemory() as memory:
+        if kind == "torch":
+            predict = torch_predict(torch.load(source, weights_only=False).eval())
+        else:
+            predict = openvino_predict(OpenVINOInferencer(source, device="CPU", config=config))
+        predict(singles[0])  # warm-up: kernels are built on the first call
+        result: dict[str, Any] = {"s/image (batch 1)": seconds_per_call(predict, singles)}
+        result["images/s (batch 8)"] = len(eights[0]) / seconds_per_call(predict, eights)
+        result["outputs"] = [predict(batch) for batch in eights]
+    result["peak MiB"] = memory.peak_rss_mib
+    return result
+
+
+def fit_patchcore(datamodule: MVTecAD, work: Path) -> Patchcore:
+    """anomalib's PatchCore with the benchmark's settings (configs/benchmark_cpu.yaml), fitted on the training split."""
+    model = Patchcore(
+        backbone=OFFLINE_BACKBONE, layers=["blocks.2", "blocks.4"], coreset_sampling_ratio=0.01, num_neighbors=9
+    )
+    engine = Engine(default_root_dir=work, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    return model.eval()
 
 
 def metrics(scores: np.ndarray, maps: np.ndarray, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
@@ -100,6 +141,7 @@ def main() -> None:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--images", type=int, help="test images used (default: all with --ckpt, else 8)")
     parser.add_argument("--scoring", help="override the config's scoring (without --ckpt)")
+    parser.add_argument("--patchcore", action="store_true", help="add anomalib's PatchCore, fitted here")
     parser.add_argument(
         "--compression",
         nargs="*",
@@ -129,32 +171,36 @@ def main() -> None:
     singles = [image[None].numpy() for image in images]
     eights = [batch.numpy() for batch in images.split(8) if len(batch) == 8] or [images.numpy()]
 
-    with tempfile.TemporaryDirectory() as export_root:
-        xml = model.to_openvino(export_root)
-        runtimes = {
-            "PyTorch eager": torch_predict(model),
-            "OpenVINO f32 (parity)": openvino_predict(
-                OpenVINOInferencer(xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
-            ),
-            "OpenVINO CPU default precision": openvino_predict(OpenVINOInferencer(xml, device="CPU")),
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        torch.save(model, work / "smai.pt")
+        xml = model.to_openvino(work / "smai")
+        runtimes: dict[str, tuple[str, str, dict | None]] = {
+            "SMAI PyTorch eager": ("torch", str(work / "smai.pt"), None),
+            "SMAI OpenVINO f32 (parity)": ("openvino", str(xml), {"INFERENCE_PRECISION_HINT": "f32"}),
+            "SMAI OpenVINO CPU default precision": ("openvino", str(xml), None),
         }
         for kind in args.compression:  # int8_ptq/int8_acq calibrate on the datamodule (anomalib's choice of split)
-            compressed = model.to_openvino(
-                Path(export_root) / kind, compression_type=CompressionType(kind), datamodule=datamodule
-            )
-            runtimes[f"OpenVINO {kind}, CPU default precision"] = openvino_predict(
-                OpenVINOInferencer(compressed, device="CPU")
-            )
+            compressed = model.to_openvino(work / kind, compression_type=CompressionType(kind), datamodule=datamodule)
+            runtimes[f"SMAI OpenVINO {kind}, CPU default precision"] = ("openvino", str(compressed), None)
+        if args.patchcore:
+            patchcore = fit_patchcore(datamodule, work / "patchcore_run")
+            torch.save(patchcore, work / "patchcore.pt")
+            # PyTorch only: anomalib 2.7 exports PatchCore with a fixed batch of 2, which batch 1 cannot feed.
+            runtimes["PatchCore PyTorch eager"] = ("torch", str(work / "patchcore.pt"), None)
         rows, reference = [], None
-        for name, predict in runtimes.items():
-            row = {"runtime": name, "s/image (batch 1)": seconds_per_call(predict, singles)}
-            row["images/s (batch 8)"] = len(eights[0]) / seconds_per_call(predict, eights)
+        for name, runtime in runtimes.items():
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                result = pool.submit(run_runtime, runtime, singles, eights).result()
+            outputs = result.pop("outputs")
+            row = {"runtime": name, **result}
             if args.ckpt:
-                scores, maps = (np.concatenate(parts) for parts in zip(*map(predict, eights), strict=True))
+                scores, maps = (np.concatenate(parts) for parts in zip(*outputs, strict=True))
                 row |= metrics(scores, maps, labels[: len(scores)], masks[: len(scores)])
-                reference = maps if reference is None else reference
-                row["map diff vs torch: mean"] = float(np.abs(maps - reference).mean())
-                row["max"] = float(np.abs(maps - reference).max())
+                if name.startswith("SMAI"):
+                    reference = maps if reference is None else reference
+                    row["map diff vs torch: mean"] = float(np.abs(maps - reference).mean())
+                    row["max"] = float(np.abs(maps - reference).max())
             rows.append(row)
 
     bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "unknown"
@@ -162,10 +208,12 @@ def main() -> None:
         f"\n{label}: {len(images)} {args.category} test images, {torch.get_num_threads()} torch threads, "
         f"CPU bf16: {bf16}"
     )
-    print("| " + " | ".join(rows[0]) + " |")
-    print("|" + "---|" * len(rows[0]))
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # PatchCore rows have no map difference
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for row in rows:
-        print("| " + " | ".join(value if isinstance(value, str) else f"{value:.3f}" for value in row.values()) + " |")
+        values = (row.get(column, "") for column in columns)
+        print("| " + " | ".join(value if isinstance(value, str) else f"{value:.3f}" for value in values) + " |")
 
 
 if __name__ == "__main__":

@@ -18,16 +18,14 @@ not hidden by memory an earlier mode freed. Example (the README's numbers)::
 import argparse
 import json
 import multiprocessing
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import psutil
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from common import load_for_scoring, model_init_args
+from common import PeakMemory, load_for_scoring, model_init_args
 
 from smai_plugin import Smai
 from smai_plugin.torch_model import SmaiModel
@@ -41,28 +39,6 @@ MODES = {
     "grouped+local(0.35)": ("grouped", True, 0.35),
     "windowed": ("windowed", False, 1.0),
 }
-
-
-class PeakMemory:
-    """Resident-set high-water mark (MiB) above the level at entry, sampled in a thread."""
-
-    def __enter__(self) -> "PeakMemory":
-        self._process = psutil.Process()
-        self._base = self._process.memory_info().rss
-        self.peak_mib = 0.0
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak_mib = max(self.peak_mib, (self._process.memory_info().rss - self._base) / 2**20)
-            time.sleep(0.01)
-
-    def __exit__(self, *exc: object) -> None:
-        self._running = False
-        self._thread.join()
 
 
 def settings(mode: str) -> dict[str, str | bool | float]:
