@@ -160,7 +160,7 @@ def main() -> None:
         label = f"{args.config} (untrained), {init_args.get('scoring')} scoring"
     datamodule = MVTecAD(root=args.root, category=args.category, eval_batch_size=8, num_workers=0)
     datamodule.setup()
-    if model._needs_calibration:  # an export needs statistics; here from training images
+    if model.needs_calibration:  # an export needs statistics; here from training images
         train = sorted((args.root / args.category / "train").rglob("*.png"))[: None if args.ckpt else 4]
         batches = torch.stack([read_image(path, as_tensor=True) for path in train]).split(8)
         model.model.calibrate(model.pre_processor(batch) for batch in batches)

@@ -45,7 +45,7 @@ def main() -> None:
     paths = sorted((args.root / args.category / "test").rglob("*.png"))[:8]
     images = model.pre_processor(torch.stack([read_image(path, as_tensor=True) for path in paths]))
     core, scorer = model.model, model.model.anomaly_map_generator
-    if model._needs_calibration:  # statistics only change values, not the cost
+    if model.needs_calibration:  # statistics only change values, not the cost
         core.calibrate([images])
 
     print(f"{args.ckpt or args.config}: {tuple(images.shape[-2:])} images, {torch.get_num_threads()} torch threads")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from smai_plugin.anomaly_map import AnomalyMapGenerator, window_index
+from smai_plugin.anomaly_map import AnomalyMapGenerator
+from smai_plugin.schedule import window_index
 from smai_plugin.similarity import ScoreMeasure
 from smai_plugin.superpixel import SuperpixelMasker
 

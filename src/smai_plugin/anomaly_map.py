@@ -48,68 +48,8 @@ from torch import nn
 
 from ._config import check_int, parse_enum
 from .errors import SmaiInputError
+from .schedule import crop_passes
 from .similarity import Dissimilarity, ScoreMeasure
-
-
-def window_index(holes: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    """Flat pixel indices of the crop of each pass: ``window`` centred on the hole's bounding box.
-
-    The crop is moved inside the image where the centre is too close to a border; an empty
-    hole gets the central crop. A window the size of the image gives every pixel in order.
-
-    Args:
-        holes (torch.Tensor): Hole masks ``(B, P, H, W)``.
-        window (tuple[int, int]): Crop ``(h, w)``, at most ``(H, W)``.
-
-    Returns:
-        torch.Tensor: Indices into the flattened image, ``(B, P, h * w)``, row-major in the crop.
-
-    Example:
-        >>> holes = torch.zeros(1, 1, 8, 8)
-        >>> holes[0, 0, 6:8, 0:2] = 1  # a hole in the bottom-left corner
-        >>> window_index(holes, (4, 4)).reshape(4, 4)[0].tolist()  # crop rows 4..7, columns 0..3
-        [32, 33, 34, 35]
-
-    """
-    height, width = holes.shape[-2:]
-    starts = []
-    for axis, size, side in ((3, height, window[0]), (2, width, window[1])):
-        present = holes.amax(dim=axis) > 0  # (B, P, size): rows (axis 3) or columns (axis 2) the hole touches
-        coords = torch.arange(size, device=holes.device)
-        first = torch.where(present, coords, size).amin(-1)
-        last = torch.where(present, coords, -1).amax(-1)
-        start = torch.div(first + last + 1 - side, 2, rounding_mode="floor")  # empty hole: centred crop
-        starts.append(start.clamp(0, size - side))
-    rows = starts[0][..., None] + torch.arange(window[0], device=holes.device)  # (B, P, h)
-    cols = starts[1][..., None] + torch.arange(window[1], device=holes.device)  # (B, P, w)
-    return (rows[..., :, None] * width + cols[..., None, :]).flatten(2)
-
-
-def crop_passes(
-    images: torch.Tensor,
-    holes: torch.Tensor,
-    window: tuple[int, int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut every pass's crop (see :func:`window_index`) out of its image and hole mask.
-
-    Args:
-        images (torch.Tensor): Images ``(B, C, H, W)``.
-        holes (torch.Tensor): Hole masks ``(B, P, H, W)``, ``P`` passes per image.
-        window (tuple[int, int]): Crop ``(h, w)``.
-
-    Returns:
-        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: Image crops ``(B * P, C, h, w)`` and hole
-        crops ``(B * P, 1, h, w)``, pass-major within each image, and the crops' flat pixel
-        indices ``(B, P, h * w)`` (to add results back with ``scatter_add``).
-
-    """
-    batch, n_passes = holes.shape[:2]
-    channels = images.shape[1]
-    index = window_index(holes, window)
-    masks = holes.flatten(2).gather(2, index).reshape(batch * n_passes, 1, *window)
-    crops = images.flatten(2).gather(2, index.flatten(1)[:, None, :].expand(-1, channels, -1))
-    crops = crops.reshape(batch, channels, n_passes, *window).transpose(1, 2).reshape(-1, channels, *window)
-    return crops, masks, index
 
 
 class Comparison(str, Enum):

@@ -350,7 +350,7 @@ class Smai(AnomalibModule):
             ValueError: If statistics are needed and there are no training images to fit them on.
 
         """
-        if not self._needs_calibration:
+        if not self.needs_calibration:
             return
         statistics = self.model.normal_statistics
         datamodule = self.trainer.datamodule
@@ -377,8 +377,12 @@ class Smai(AnomalibModule):
         self._calibration_stale = False
 
     @property
-    def _needs_calibration(self) -> bool:
-        """Whether the model calibrates and its statistics are missing or older than its weights."""
+    def needs_calibration(self) -> bool:
+        """Whether the model calibrates and its statistics are missing or older than its weights.
+
+        Scoring starts by calibrating when this is true; scripts that score or export a model
+        outside `Engine` check it to calibrate first (see `benchmarks/`).
+        """
         fitted = self.model.normal_statistics.is_fitted
         return self.model.calibration != Calibration.NONE and (self._calibration_stale or not fitted)
 
@@ -589,7 +593,7 @@ class Smai(AnomalibModule):
 
     def _check_calibrated(self) -> None:
         """Refuse to export a calibrating model whose statistics are missing or stale."""
-        if self._needs_calibration:
+        if self.needs_calibration:
             msg = (
                 "SMAI's normal statistics are missing or older than its weights, so the export would score "
                 "without them: export after fitting (validation calibrates), or from a checkpoint saved at the end "

@@ -23,70 +23,23 @@ Example:
 """
 
 from collections.abc import Iterable, Sequence
-from enum import Enum
 from typing import Any
 
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
+from . import schedule
 from ._config import check_int, parse_enum
-from .anomaly_map import AnomalyMapGenerator, Comparison, crop_passes
+from .anomaly_map import AnomalyMapGenerator, Comparison
 from .calibration import Calibration, NormalStatistics
 from .errors import SmaiInputError
 from .pennet import N_LEVELS, PenNetGenerator
+from .schedule import ScoringMode, crop_passes
 from .similarity import ScoreMeasure
-from .superpixel import SuperpixelMasker, superpixel_grid
+from .superpixel import SuperpixelMasker
 
 SIZE_MULTIPLE = 2**N_LEVELS
-
-
-class ScoringMode(str, Enum):
-    """Which superpixels are masked together in one inpainting pass at inference.
-
-    ``leave_one_out``: the paper's schedule, one superpixel per pass (``n_superpixels`` passes).
-    ``grouped``: superpixels whose grid cells are at least ``GROUP_STRIDE`` cells apart in a row
-    or column share a pass, so no two neighbours are masked together; about one in nine
-    superpixels is masked per pass (roughly what training masks), so 9 passes replace 77.
-    ``windowed``: leave-one-out, but each pass inpaints only a ``window_size`` crop centred on
-    its superpixel (64x64 of a 256x256 image: 1/16 of the convolutions, 1/256 of the attention).
-    """
-
-    LEAVE_ONE_OUT = "leave_one_out"
-    GROUPED = "grouped"
-    WINDOWED = "windowed"
-
-
-GROUP_STRIDE = 3
-
-
-def superpixel_groups(n_superpixels: int, height: int, width: int, stride: int = GROUP_STRIDE) -> torch.Tensor:
-    """Assign each superpixel to a pass so that neighbouring superpixels never share one.
-
-    Superpixel ``k`` grows from grid cell ``(k // cols, k % cols)`` and only takes pixels of
-    the neighbouring cells, so superpixels whose cells are ``stride >= 3`` apart cannot touch.
-    Cells are grouped by ``(row % stride, col % stride)``; empty groups are dropped.
-
-    Args:
-        n_superpixels (int): Masks per image (``K``).
-        height (int): Image height.
-        width (int): Image width.
-        stride (int): Cell distance between superpixels of one group. Defaults to ``3``.
-
-    Returns:
-        torch.Tensor: ``(K, G)`` one-hot assignment of superpixels to ``G`` passes (masks past
-        the grid, always empty, go to the first pass).
-
-    Example:
-        >>> superpixel_groups(77, 256, 256).shape  # an 8 x 9 grid in 9 groups
-        torch.Size([77, 9])
-
-    """
-    rows, cols = superpixel_grid(n_superpixels, height, width)
-    # Plain Python: the schedule depends on shapes only, so export sees a constant.
-    group = [(k // cols % stride) * stride + k % cols % stride if k < rows * cols else 0 for k in range(n_superpixels)]
-    used = sorted(set(group))
-    return torch.tensor([[float(g == u) for u in used] for g in group])
 
 
 def to_signed(images: torch.Tensor) -> torch.Tensor:
@@ -334,8 +287,4 @@ class SmaiModel(nn.Module):
 
     def pass_holes(self, images: torch.Tensor) -> torch.Tensor:
         """Hole mask of every inference pass, ``(B, passes, H, W)``, following ``scoring``."""
-        superpixels = self.masker(images)
-        if self.scoring != ScoringMode.GROUPED:
-            return superpixels
-        groups = superpixel_groups(superpixels.shape[1], *images.shape[-2:]).to(superpixels)
-        return torch.einsum("bkhw,kg->bghw", superpixels, groups)
+        return schedule.pass_holes(self.masker(images), self.scoring)
