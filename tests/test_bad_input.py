@@ -333,3 +333,13 @@ def test_broken_symbolic_link_is_named(root: Path, tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "gone.png")
     with pytest.raises(SmaiInputError, match=rf"1 broken symbolic link\(s\) in the dataset: {link}\. Remove them"):
         engine(tmp_path).fit(tiny_model(), datamodule=datamodule(root))
+
+
+@pytest.mark.slow
+def test_image_outside_the_mvtec_folders_is_named(root: Path, tmp_path: Path) -> None:
+    """anomalib alone reads it as a defective image without a mask and fails with a nameless TypeError."""
+    stray = root / CATEGORY / "thumbnails" / "preview.png"
+    stray.parent.mkdir()
+    train_images(root)[0].rename(stray)
+    with pytest.raises(SmaiInputError, match=rf"1 image\(s\) in {root / CATEGORY} are not in train/.*: {stray}\. "):
+        engine(tmp_path).fit(tiny_model(), datamodule=datamodule(root))

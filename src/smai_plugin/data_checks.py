@@ -216,21 +216,41 @@ def _refuse_broken_links(folders: Iterable[Path]) -> None:
         raise SmaiInputError(msg)
 
 
+def _refuse_stray_images(folder: Path) -> None:
+    """Refuse images the MVTecAD layout would misread: it reads every PNG as ``<split>/<label>/<name>``."""
+    stray = [
+        path
+        for path in _images([folder], MVTEC_EXTENSIONS)
+        if len(rel := path.relative_to(folder).parts) != 3 or rel[0] not in {"train", "test", "ground_truth"}
+    ]
+    if stray:
+        names = ", ".join(str(path) for path in stray[:3]) + (", ..." if len(stray) > 3 else "")
+        msg = (
+            f"{len(stray)} image(s) in {folder} are not in train/<label>/, test/<defect>/ or "
+            f"ground_truth/<defect>/: {names}. anomalib's MVTecAD layout reads every .png under the category "
+            "folder and would take them for defective test images without masks: move them out of the folder."
+        )
+        raise SmaiInputError(msg)
+
+
 def check_layout(datamodule: object) -> None:
     """Refuse data folders that anomalib's MVTecAD and Folder data modules would fail on unclearly.
 
     An MVTecAD category folder that does not exist is refused when the category is not one of
     MVTec AD's (anomalib would try to download it); for one of MVTec AD's a warning says that
     anomalib downloads it now (which needs internet). A defective test image without a mask is
-    refused with its path, and so is a broken symbolic link (anomalib would report "missing
-    file path(s)" without a name). Other data modules are left alone.
+    refused with its path, and so are a broken symbolic link (anomalib would report "missing
+    file path(s)" without a name) and, for MVTecAD, a PNG outside ``train/``, ``test/`` and
+    ``ground_truth/`` (anomalib would take it for a defective image and fail on its missing
+    mask with a ``TypeError``). Other data modules are left alone.
 
     Args:
         datamodule (object): The trainer's data module (or ``None``).
 
     Raises:
         SmaiInputError: If the category folder is missing and cannot be downloaded, if a
-            defective test image has no mask, or if a symbolic link is broken.
+            defective test image has no mask, if a symbolic link is broken, or if an MVTecAD
+            image lies outside the layout's folders.
 
     """
     from anomalib.data import Folder, MVTecAD
@@ -257,6 +277,7 @@ def check_layout(datamodule: object) -> None:
             )
             return
         _refuse_broken_links([folder])
+        _refuse_stray_images(folder)
         for defect in sorted(path for path in (folder / "test").glob("*") if path.is_dir() and path.name != "good"):
             masks = folder / "ground_truth" / defect.name
             _refuse_unmatched(_images([defect], MVTEC_EXTENSIONS), _images([masks], MVTEC_EXTENSIONS), f"in {masks}")
