@@ -111,10 +111,15 @@ def skipped_training_files(folder: str | Path) -> list[Path]:
     ]
 
 
+def _listing(items: list) -> str:
+    """List the first three items, comma-separated, with "..." when there are more."""
+    return ", ".join(map(str, items[:3])) + (", ..." if len(items) > 3 else "")
+
+
 def _skipped_note(skipped: list[Path]) -> str:
     if not skipped:
         return ""
-    names = ", ".join(path.name for path in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    names = _listing([path.name for path in skipped])
     return (
         f" anomalib's MVTecAD layout skips {len(skipped)} file(s) in {skipped[0].parent} ({names}): it reads .png "
         "files only, and no symbolic links that lead outside the dataset folder. Convert them to PNG, or copy "
@@ -200,10 +205,10 @@ def _refuse_unmatched(images: list[Path], masks: list[Path], where: str) -> None
     mask_stems = [mask.stem for mask in masks]
     unmatched = [image for image in images if not any(image.stem in stem for stem in mask_stems)]
     if unmatched:
-        names = ", ".join(str(image) for image in unmatched[:3]) + (", ..." if len(unmatched) > 3 else "")
         msg = (
-            f"{len(unmatched)} defective test image(s) have no mask {where}: {names}. Every defective image "
-            "needs a mask to compute pixel metrics: add the masks, or move the images out of the dataset."
+            f"{len(unmatched)} defective test image(s) have no mask {where}: {_listing(unmatched)}. "
+            "Every defective image needs a mask to compute pixel metrics: add the masks, or move the images "
+            "out of the dataset."
         )
         raise SmaiInputError(msg)
 
@@ -211,8 +216,10 @@ def _refuse_unmatched(images: list[Path], masks: list[Path], where: str) -> None
 def _refuse_broken_links(folders: Iterable[Path]) -> None:
     broken = sorted(path for folder in folders for path in folder.rglob("*") if path.is_symlink() and not path.exists())
     if broken:
-        names = ", ".join(str(path) for path in broken[:3]) + (", ..." if len(broken) > 3 else "")
-        msg = f"{len(broken)} broken symbolic link(s) in the dataset: {names}. Remove them or restore their targets."
+        msg = (
+            f"{len(broken)} broken symbolic link(s) in the dataset: {_listing(broken)}. "
+            "Remove them or restore their targets."
+        )
         raise SmaiInputError(msg)
 
 
@@ -224,10 +231,9 @@ def _refuse_stray_images(folder: Path) -> None:
         if len(rel := path.relative_to(folder).parts) != 3 or rel[0] not in {"train", "test", "ground_truth"}
     ]
     if stray:
-        names = ", ".join(str(path) for path in stray[:3]) + (", ..." if len(stray) > 3 else "")
         msg = (
             f"{len(stray)} image(s) in {folder} are not in train/<label>/, test/<defect>/ or "
-            f"ground_truth/<defect>/: {names}. anomalib's MVTecAD layout reads every .png under the category "
+            f"ground_truth/<defect>/: {_listing(stray)}. anomalib's MVTecAD layout reads every .png under the category "
             "folder and would take them for defective test images without masks: move them out of the folder."
         )
         raise SmaiInputError(msg)
