@@ -8,11 +8,11 @@ runtime it prints seconds per image at batch 1, images per second at batch 8, th
 memory of the process that ran it, and, with ``--ckpt`` (a trained checkpoint), image AUROC,
 pixel AUROC and PRO of the deployed outputs and the largest difference of their anomaly maps from
 torch's. ``--compression`` adds exports compressed by anomalib's export (``fp16`` weights, ``int8``
-weights, ``int8_ptq`` post-training quantisation). ``--patchcore`` fits anomalib's PatchCore
-(the benchmark's settings: offline EfficientNet-Lite0, 1% coreset) on the same training images
-and adds its PyTorch row, on the same test images in the same run. Without
-``--ckpt`` the model is untrained and calibrated on a few training images (weights do not change
-the cost), and only speed is printed.
+weights; ``int8_ptq`` is refused by ``Smai.to_openvino``, with the numbers that made it so).
+``--patchcore`` fits anomalib's PatchCore (the benchmark's settings: offline EfficientNet-Lite0,
+1% coreset) on the same training images and adds its PyTorch row, on the same test images in
+the same run. Without ``--ckpt`` the model is untrained and calibrated on a few training images
+(weights do not change the cost), and only speed is printed.
 
 Every runtime runs in a fresh process, so its peak memory (the process's resident set at its
 peak while the runtime is built, warmed up and run: Python, torch, anomalib and the runtime
@@ -21,7 +21,7 @@ included) is its own.
 Examples::
 
     python benchmarks/deploy_latency.py --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
-    python benchmarks/deploy_latency.py --ckpt <model.ckpt> --compression fp16 int8 int8_ptq --patchcore
+    python benchmarks/deploy_latency.py --ckpt <model.ckpt> --compression fp16 int8 --patchcore
     python benchmarks/deploy_latency.py --config configs/smai_cpu.yaml --images 8  # speed only
     python benchmarks/deploy_latency.py --config configs/smai.yaml --scoring grouped
 """
