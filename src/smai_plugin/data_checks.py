@@ -195,9 +195,14 @@ def check_dataloaders(dataloaders: DataLoader | Iterable[DataLoader] | None, spl
     return min(sizes, key=lambda size: size[0] * size[1], default=None)
 
 
-def _images(folders: Iterable[Path], extensions: Iterable[str]) -> list[Path]:
+def _files(folders: Iterable[Path]) -> list[Path]:
+    """Every path under ``folders``, listed once for all the layout checks."""
+    return sorted(path for folder in folders for path in folder.rglob("*"))
+
+
+def _images(files: Iterable[Path], extensions: Iterable[str]) -> list[Path]:
     wanted = {extension.lower() for extension in extensions}
-    return sorted(path for folder in folders for path in folder.rglob("*") if path.suffix.lower() in wanted)
+    return [path for path in files if path.suffix.lower() in wanted]
 
 
 def _refuse_unmatched(images: list[Path], masks: list[Path], where: str) -> None:
@@ -213,8 +218,8 @@ def _refuse_unmatched(images: list[Path], masks: list[Path], where: str) -> None
         raise SmaiInputError(msg)
 
 
-def _refuse_broken_links(folders: Iterable[Path]) -> None:
-    broken = sorted(path for folder in folders for path in folder.rglob("*") if path.is_symlink() and not path.exists())
+def _refuse_broken_links(files: Iterable[Path]) -> None:
+    broken = [path for path in files if path.is_symlink() and not path.exists()]
     if broken:
         msg = (
             f"{len(broken)} broken symbolic link(s) in the dataset: {_listing(broken)}. "
@@ -223,11 +228,11 @@ def _refuse_broken_links(folders: Iterable[Path]) -> None:
         raise SmaiInputError(msg)
 
 
-def _refuse_stray_images(folder: Path) -> None:
+def _refuse_stray_images(folder: Path, images: list[Path]) -> None:
     """Refuse images the MVTecAD layout would misread: it reads every PNG as ``<split>/<label>/<name>``."""
     stray = [
         path
-        for path in _images([folder], MVTEC_EXTENSIONS)
+        for path in images
         if len(rel := path.relative_to(folder).parts) != 3 or rel[0] not in {"train", "test", "ground_truth"}
     ]
     if stray:
@@ -282,21 +287,28 @@ def check_layout(datamodule: object) -> None:
                 stacklevel=2,
             )
             return
-        _refuse_broken_links([folder])
-        _refuse_stray_images(folder)
+        files = _files([folder])
+        images = _images(files, MVTEC_EXTENSIONS)
+        _refuse_broken_links(files)
+        _refuse_stray_images(folder, images)  # from here on every image is <split>/<label>/<name>
         for defect in sorted(path for path in (folder / "test").glob("*") if path.is_dir() and path.name != "good"):
             masks = folder / "ground_truth" / defect.name
-            _refuse_unmatched(_images([defect], MVTEC_EXTENSIONS), _images([masks], MVTEC_EXTENSIONS), f"in {masks}")
+            _refuse_unmatched(
+                [path for path in images if path.parent == defect],
+                [path for path in images if path.parent == masks],
+                f"in {masks}",
+            )
     elif isinstance(datamodule, Folder):
 
         def folders(paths: str | Path | Iterable[str | Path] | None) -> list[Path]:
             paths = [] if paths is None else [paths] if isinstance(paths, str | Path) else list(paths)
             return [Path(datamodule.root or "") / path for path in paths]  # absolute paths stay absolute
 
-        defective, masks = folders(datamodule.abnormal_dir), folders(datamodule.mask_dir)
-        _refuse_broken_links(folders(datamodule.normal_dir) + folders(datamodule.normal_test_dir) + defective + masks)
-        if defective and masks:
+        defective_folders, mask_folders = folders(datamodule.abnormal_dir), folders(datamodule.mask_dir)
+        defective, masks = _files(defective_folders), _files(mask_folders)
+        normal = _files(folders(datamodule.normal_dir) + folders(datamodule.normal_test_dir))
+        _refuse_broken_links(normal + defective + masks)
+        if defective_folders and mask_folders:
             extensions = datamodule.extensions or IMG_EXTENSIONS
-            _refuse_unmatched(
-                _images(defective, extensions), _images(masks, extensions), f"in {', '.join(map(str, masks))}"
-            )
+            where = f"in {', '.join(map(str, mask_folders))}"
+            _refuse_unmatched(_images(defective, extensions), _images(masks, extensions), where)
