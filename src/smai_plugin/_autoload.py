@@ -18,17 +18,8 @@ from types import ModuleType
 _TARGET = "anomalib.models"
 
 
-def expose(model_class: type) -> None:
-    """Make ``model_class`` reachable through ``anomalib.models``; called by ``lightning_model``."""
-    models = sys.modules[_TARGET]
-    setattr(models, model_class.__name__, model_class)
-    if model_class.__name__ not in models.__all__:
-        models.__all__.append(model_class.__name__)
-    models.ALLOWED_MODULES.update({"smai_plugin", model_class.__module__})
-
-
 def register() -> None:
-    """Import the Lightning model, which exposes itself; a no-op while it is being imported."""
+    """Import the Lightning model, which adds itself to ``anomalib.models``; a no-op while it is being imported."""
     if "smai_plugin.lightning_model" not in sys.modules:
         importlib.import_module("smai_plugin.lightning_model")
 

@@ -48,6 +48,7 @@ from torch import nn
 
 from ._config import check_int, parse_enum
 from .errors import SmaiInputError
+from .pennet import composite
 from .schedule import crop_passes
 from .similarity import Dissimilarity, ScoreMeasure
 
@@ -143,7 +144,7 @@ class AnomalyMapGenerator(nn.Module):
             if per_pass:
                 # The composite (original outside the hole): SSIM windows at the hole's border
                 # see only the hole's new content as different.
-                values = self.dissimilarity(originals * (1 - masks) + output * masks, originals) * masks
+                values = self.dissimilarity(composite(originals, output, masks), originals) * masks
             else:
                 values = torch.cat([output * masks, masks], dim=1)
             values = values.reshape(batch, -1, channels, values.shape[-2] * values.shape[-1]).transpose(1, 2)

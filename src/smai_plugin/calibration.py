@@ -19,6 +19,8 @@ the map by the normal images' mean residual (which puts several measures on one 
 standardises the map too.
 
 The statistics are buffers: they travel in checkpoints and are constants of the exported graph.
+:class:`SmaiCalibrationMixin` fits them as part of training: the Lightning model calibrates on
+the training split when scoring starts, if its statistics are missing or older than its weights.
 
 Example:
     >>> statistics = NormalStatistics()
@@ -35,7 +37,10 @@ from collections.abc import Iterable
 from enum import Enum
 
 import torch
+from anomalib.data import Batch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .errors import SmaiInputError
 
@@ -148,3 +153,65 @@ class NormalStatistics(nn.Module):
                 f"statistics fitted on {tuple(self.mean.shape[1:])}: score images at the size the model was trained at."
             )
             raise SmaiInputError(msg)
+
+
+class SmaiCalibrationMixin:
+    """Calibration of :class:`~smai_plugin.Smai` on its training images, after training.
+
+    Mixed in before ``AnomalibModule``; reads the Lightning model's ``model`` (the torch model),
+    ``trainer``, ``pre_processor`` and ``_calibration_stale``.
+    """
+
+    def calibrate(self) -> None:
+        """Fit the normal statistics on the training images, when they are missing or stale.
+
+        Runs when scoring starts (validation, test, predict) if the model calibrates and its
+        statistics are missing or older than its weights. Only the datamodule's training split
+        is scored (never the validation or test images), in order and without shuffling, at the
+        evaluation batch size; every process scores all of it, so all hold the same statistics.
+
+        Raises:
+            ValueError: If statistics are needed and there are no training images to fit them on.
+
+        """
+        if not self.needs_calibration:
+            return
+        statistics = self.model.normal_statistics
+        datamodule = self.trainer.datamodule
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None or len(dataset) == 0:
+            if statistics.is_fitted:
+                rank_zero_warn("SMAI: no training images to calibrate on; keeping the statistics from before training.")
+                return
+            msg = (
+                "SMAI calibrates its anomaly maps on the normal training images before scoring, but this model "
+                "has no statistics and no training images are available: fit it first, load the checkpoint of a "
+                "fitted model, or pass a datamodule that has the training images."
+            )
+            raise SmaiInputError(msg)
+        loader = DataLoader(
+            dataset,
+            batch_size=datamodule.eval_batch_size,
+            shuffle=False,
+            num_workers=datamodule.num_workers,
+            collate_fn=dataset.collate_fn,
+        )
+        rank_zero_info(f"SMAI: calibrating on the {len(dataset)} normal training images.")
+        self.model.calibrate(self._calibration_images(batch) for batch in loader)
+        self._calibration_stale = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the model calibrates and its statistics are missing or older than its weights.
+
+        Scoring starts by calibrating when this is true; scripts that score or export a model
+        outside `Engine` check it to calibrate first (see `benchmarks/`).
+        """
+        fitted = self.model.normal_statistics.is_fitted
+        return self.model.calibration != Calibration.NONE and (self._calibration_stale or not fitted)
+
+    def _calibration_images(self, batch: Batch) -> torch.Tensor:
+        """Prepare a training batch as the model scores it: on its device, through the pre-processor."""
+        images = batch.image.to(self.device)
+        self.check_finite(batch)
+        return self.pre_processor.transform(images) if self.pre_processor else images

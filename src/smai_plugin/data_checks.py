@@ -25,7 +25,7 @@ Lightning model calls it when fitting, testing and predicting start. It decodes 
 once, which costs far less than SMAI's scoring of the same images. :func:`check_layout` checks
 the folders of the last two before the data module reads them (from the model's
 ``configure_callbacks``, the first hook Lightning calls, before the data module's
-``prepare_data`` and ``setup``).
+``prepare_data`` and ``setup``). :class:`SmaiDataChecksMixin` holds these hooks of the model.
 
 Example:
     >>> from anomalib.data.datasets import MVTecADDataset
@@ -34,9 +34,13 @@ Example:
 """
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
+from anomalib.data import Batch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -44,6 +48,7 @@ from .errors import SmaiInputError
 
 __all__ = [
     "HIGH_BIT_DEPTH_MODES",
+    "SmaiDataChecksMixin",
     "check_dataloaders",
     "check_dataset",
     "check_image_file",
@@ -56,6 +61,9 @@ MVTEC_EXTENSIONS = (".png", ".PNG")
 
 HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 """Single-channel Pillow modes that ``convert("RGB")`` clips to 8 bits instead of rescaling."""
+
+MAX_UPSCALING = 4
+"""Most enlargement per side by the pre-processor before SMAI warns that the images are too small."""
 
 
 def _read(path: str | Path, kind: str) -> Image.Image:
@@ -312,3 +320,56 @@ def check_layout(datamodule: object) -> None:
             extensions = datamodule.extensions or IMG_EXTENSIONS
             where = f"in {', '.join(map(str, mask_folders))}"
             _refuse_unmatched(_images(defective, extensions), _images(masks, extensions), where)
+
+
+class SmaiDataChecksMixin:
+    """Data hooks of :class:`~smai_plugin.Smai`: the checks above at the moments Lightning allows.
+
+    Mixed in before ``AnomalibModule``; reads the Lightning model's ``trainer`` and ``input_size``.
+    """
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """Anomalib's component callbacks; first checks the data folders (see :func:`check_layout`).
+
+        Lightning calls this hook before the data module's ``prepare_data`` (which downloads)
+        and ``setup`` (which reads the folders), so it is SMAI's first chance to check them.
+        """
+        check_layout(getattr(self._trainer, "datamodule", None))
+        return super().configure_callbacks()
+
+    def on_fit_start(self) -> None:
+        """Check the training and validation files before training."""
+        datamodule = self.trainer.datamodule
+        for split in ("train", "val"):
+            dataset = getattr(datamodule, f"{split}_data", None)
+            if dataset is not None:
+                self._warn_if_upscaled(check_dataset(dataset, split), split)
+
+    def check_scored_files(self, split: str) -> None:
+        """Check the files of the trainer's ``test`` or ``predict`` data loaders."""
+        smallest = check_dataloaders(getattr(self.trainer, f"{split}_dataloaders"), split)
+        self._warn_if_upscaled(smallest, split)
+
+    def _warn_if_upscaled(self, smallest: tuple[int, int] | None, split: str) -> None:
+        """Warn when the pre-processor enlarges an image more than ``MAX_UPSCALING`` times per side."""
+        size = self.input_size
+        if smallest is None or size is None:
+            return
+        factor = max(size[0] / smallest[1], size[1] / smallest[0])
+        if factor > MAX_UPSCALING:
+            rank_zero_warn(
+                f"The smallest {split} image is {smallest[0]}x{smallest[1]} (width x height); resized to "
+                f"{size[1]}x{size[0]} it is {factor:.0f} times larger per side and holds little detail to inpaint. "
+                "Use larger images, or a smaller image_size."
+            )
+
+    @staticmethod
+    def check_finite(batch: Batch) -> None:
+        """Refuse NaN or infinite pixels; a check on values, so it lives outside the exported graph."""
+        finite = torch.isfinite(batch.image).flatten(1).all(1)
+        if not finite.all():
+            bad = (~finite).nonzero().flatten().tolist()
+            paths = getattr(batch, "image_path", None)
+            names = [str(paths[index]) for index in bad] if paths else [f"batch index {index}" for index in bad]
+            msg = f"Input images contain NaN or infinite values: {', '.join(names)}. Check the data and the transforms."
+            raise SmaiInputError(msg)

@@ -29,42 +29,35 @@ From the command line, after ``pip install`` (no import needed)::
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.transforms.utils import extract_transforms_by_type
-from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from . import _autoload
 from ._config import check_int
 from .anomaly_map import Comparison
-from .calibration import Calibration
-from .checkpoint_checks import CheckedCheckpointIO, check_checkpoint_file
-from .data_checks import check_dataloaders, check_dataset, check_layout
+from .calibration import Calibration, SmaiCalibrationMixin
+from .checkpoint import CheckedCheckpointIO, SmaiCheckpointMixin
+from .data_checks import SmaiDataChecksMixin
 from .errors import SmaiInputError
+from .export import SmaiExportMixin
 from .loss import SmaiLoss, discriminator_hinge_loss
-from .pennet import PenNetDiscriminator
-from .similarity import ScoreMeasure
+from .pennet import PenNetDiscriminator, composite
 from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel, to_signed
 
 __all__ = ["Smai"]
 
-ONNX_OPSET = 18
-MAX_UPSCALING = 4  # per side, before SMAI warns that the images are too small for their image_size
 DEFAULT_IMAGE_SIZE = (256, 256)  # the paper's
 
 
@@ -72,8 +65,12 @@ def _no_closure() -> None:
     """Closure of an optimiser step whose gradients are already computed."""
 
 
-class Smai(AnomalibModule):
+class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiExportMixin, AnomalibModule):
     """SMAI as an anomalib model.
+
+    Its data checks, calibration after training, checkpoint contents and export rules come
+    from the mixins of :mod:`smai_plugin.data_checks`, :mod:`smai_plugin.calibration`,
+    :mod:`smai_plugin.checkpoint` and :mod:`smai_plugin.export`.
 
     Args:
         n_superpixels (int): Superpixels per image, the paper's m. Defaults to ``77``.
@@ -261,36 +258,11 @@ class Smai(AnomalibModule):
             )
             raise SmaiInputError(msg)
 
-    @classmethod
-    def checkpoint_safe_globals(cls) -> tuple[type, ...]:
-        """SMAI's enums in ``hyper_parameters``, allowed for anomalib's ``weights_only`` loading."""
-        return (ScoringMode, ScoreMeasure, Comparison, Calibration)
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> "Smai":
-        """Load a checkpoint (:meth:`anomalib.models.AnomalibModule.load_from_checkpoint`).
-
-        A missing, truncated or damaged file is refused first with its path (see
-        :mod:`smai_plugin.checkpoint_checks`); torch's own errors do not name it.
-        """
-        if "://" not in str(checkpoint_path):  # URLs go to torch as they are
-            check_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """Anomalib's component callbacks; first checks the data folders (see :func:`.data_checks.check_layout`).
-
-        Lightning calls this hook before the data module's ``prepare_data`` (which downloads)
-        and ``setup`` (which reads the folders), so it is SMAI's first chance to check them.
-        """
-        check_layout(getattr(self._trainer, "datamodule", None))
-        return super().configure_callbacks()
-
     def setup(self, stage: str) -> None:
         """Check checkpoints before the trainer reads them; let DDP find unused parameters when fitting.
 
         Lightning reads ``ckpt_path`` after this hook, and torch's errors do not name a damaged
-        file (see :mod:`smai_plugin.checkpoint_checks`). The discriminator and the generator step
+        file (see :mod:`smai_plugin.checkpoint`). The discriminator and the generator step
         after separate backward passes, and the discriminator's does not reach the generator's
         parameters, so plain DDP would stop with "parameters that were not used in producing the loss".
         """
@@ -303,151 +275,19 @@ class Smai(AnomalibModule):
                 rank_zero_info("SMAI: enabling DDP's find_unused_parameters (separate generator/discriminator steps).")
             ddp_kwargs["find_unused_parameters"] = True
 
-    def on_fit_start(self) -> None:
-        """Check the training and validation files before training (see :mod:`.data_checks`)."""
-        datamodule = self.trainer.datamodule
-        for split in ("train", "val"):
-            dataset = getattr(datamodule, f"{split}_data", None)
-            if dataset is not None:
-                self._warn_if_upscaled(check_dataset(dataset, split), split)
-
-    def _warn_if_upscaled(self, smallest: tuple[int, int] | None, split: str) -> None:
-        """Warn when the pre-processor enlarges an image more than 4 times per side."""
-        size = self.input_size
-        if smallest is None or size is None:
-            return
-        factor = max(size[0] / smallest[1], size[1] / smallest[0])
-        if factor > MAX_UPSCALING:
-            rank_zero_warn(
-                f"The smallest {split} image is {smallest[0]}x{smallest[1]} (width x height); resized to "
-                f"{size[1]}x{size[0]} it is {factor:.0f} times larger per side and holds little detail to inpaint. "
-                "Use larger images, or a smaller image_size."
-            )
-
     def on_validation_start(self) -> None:
         """Calibrate before scoring (see :meth:`calibrate`)."""
         self.calibrate()
 
     def on_test_start(self) -> None:
         """Check the test files, calibrate if needed, then score."""
-        self._warn_if_upscaled(check_dataloaders(self.trainer.test_dataloaders, "test"), "test")
+        self.check_scored_files("test")
         self.calibrate()
 
     def on_predict_start(self) -> None:
         """Check the files to predict, calibrate if needed, then score."""
-        self._warn_if_upscaled(check_dataloaders(self.trainer.predict_dataloaders, "predict"), "predict")
+        self.check_scored_files("predict")
         self.calibrate()
-
-    def calibrate(self) -> None:
-        """Fit the normal statistics on the training images, when they are missing or stale.
-
-        Runs when scoring starts (validation, test, predict) if the model calibrates and its
-        statistics are missing or older than its weights. Only the datamodule's training split
-        is scored (never the validation or test images), in order and without shuffling, at the
-        evaluation batch size; every process scores all of it, so all hold the same statistics.
-
-        Raises:
-            ValueError: If statistics are needed and there are no training images to fit them on.
-
-        """
-        if not self.needs_calibration:
-            return
-        statistics = self.model.normal_statistics
-        datamodule = self.trainer.datamodule
-        dataset = getattr(datamodule, "train_data", None)
-        if dataset is None or len(dataset) == 0:
-            if statistics.is_fitted:
-                rank_zero_warn("SMAI: no training images to calibrate on; keeping the statistics from before training.")
-                return
-            msg = (
-                "SMAI calibrates its anomaly maps on the normal training images before scoring, but this model "
-                "has no statistics and no training images are available: fit it first, load the checkpoint of a "
-                "fitted model, or pass a datamodule that has the training images."
-            )
-            raise SmaiInputError(msg)
-        loader = DataLoader(
-            dataset,
-            batch_size=datamodule.eval_batch_size,
-            shuffle=False,
-            num_workers=datamodule.num_workers,
-            collate_fn=dataset.collate_fn,
-        )
-        rank_zero_info(f"SMAI: calibrating on the {len(dataset)} normal training images.")
-        self.model.calibrate(self._calibration_images(batch) for batch in loader)
-        self._calibration_stale = False
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether the model calibrates and its statistics are missing or older than its weights.
-
-        Scoring starts by calibrating when this is true; scripts that score or export a model
-        outside `Engine` check it to calibrate first (see `benchmarks/`).
-        """
-        fitted = self.model.normal_statistics.is_fitted
-        return self.model.calibration != Calibration.NONE and (self._calibration_stale or not fitted)
-
-    def _map_settings(self) -> dict[str, Any]:
-        """Collect the torch model's map settings and the image size the pre-processor resizes to."""
-        size = self.input_size
-        return {**self.model.map_settings(), "image_size": None if size is None else [int(side) for side in size]}
-
-    def _calibration_images(self, batch: Batch) -> torch.Tensor:
-        """Prepare a training batch as the model scores it: on its device, through the pre-processor."""
-        images = batch.image.to(self.device)
-        self._check_finite(batch)
-        return self.pre_processor.transform(images) if self.pre_processor else images
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also save torch's random state and whether the normal statistics are stale.
-
-        The random state draws the holes and shuffles the data; the statistics are stale in a
-        checkpoint saved during training, before the calibration that follows it.
-        """
-        super().on_save_checkpoint(checkpoint)
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-        checkpoint["smai_rng_state"] = {"torch": torch.get_rng_state(), "cuda": cuda}
-        checkpoint["smai_calibration_stale"] = self._calibration_stale
-        checkpoint["smai_trained_on"] = self._trained_on
-        # The settings the statistics were fitted under (``hyper_parameters`` take overrides on loading).
-        checkpoint["smai_map_settings"] = self._map_settings()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the saved random state for :meth:`on_train_start` of a resumed fit.
-
-        The evaluator's entries are replaced by this model's own: metrics hold no learnt state, and a
-        checkpoint trained with other metrics (a config's AUPRO keeps a buffer) must still load.
-        """
-        super().on_load_checkpoint(checkpoint)
-        if "state_dict" in checkpoint:
-            weights = {
-                key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("evaluator.")
-            }
-            metrics = {key: value for key, value in self.state_dict().items() if key.startswith("evaluator.")}
-            checkpoint["state_dict"] = weights | metrics
-        self._saved_rng_state = checkpoint.get("smai_rng_state")
-        saved, current = checkpoint.get("smai_map_settings", {}), self._map_settings()
-        changed = [name for name, value in saved.items() if current.get(name) != value]
-        self._calibration_stale = bool(checkpoint.get("smai_calibration_stale", False)) or bool(changed)
-        if changed and self.model.calibration != Calibration.NONE:
-            rank_zero_info(f"SMAI: {', '.join(changed)} changed since the checkpoint; calibrating again.")
-        self._trained_on = checkpoint.get("smai_trained_on")
-        if self._trained_on not in {None, self.model.training_family}:
-            # Measured on bottle: whole-image weights scored on crops gave pixel AUROC 0.706, image 0.500.
-            rank_zero_warn(
-                f"This SMAI checkpoint was trained on {self._trained_on}, but is set to score with "
-                f"{self.model.training_family}. A generator scores poorly on inputs it was not trained on: "
-                "load it with the scoring it was trained for (e.g. Smai.load_from_checkpoint(path, "
-                "scoring=...) or --model.scoring ...), or train it again with this scoring."
-            )
-        trainer = self._trainer
-        if trainer is not None and not trainer.training and checkpoint.get("global_step", 0) < trainer.global_step:
-            # anomalib's Engine.train (``anomalib train --ckpt_path``) also tests the checkpoint it resumed from.
-            rank_zero_warn(
-                f"Scoring the checkpoint of step {checkpoint.get('global_step')}, not the model this trainer just "
-                f"trained to step {trainer.global_step}: `anomalib train --ckpt_path` tests the checkpoint it "
-                "resumed from. Resume with `anomalib fit --ckpt_path ...`, then run `anomalib test` on the last "
-                "checkpoint."
-            )
 
     def on_train_start(self) -> None:
         """Validate after the last iteration; refuse a pre-processor that normalises.
@@ -460,12 +300,7 @@ class Smai(AnomalibModule):
         run draws the same holes whatever the seed of the new process.
         """
         self.trainer.val_check_batch = self._last_iteration()
-        rng_state = getattr(self, "_saved_rng_state", None)
-        if self.trainer.ckpt_path and rng_state is not None:
-            torch.set_rng_state(rng_state["torch"])
-            if rng_state["cuda"] and len(rng_state["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng_state["cuda"])
-            self._saved_rng_state = None
+        self.restore_random_state()
         if self.pre_processor and extract_transforms_by_type(self.pre_processor.transform, Normalize):
             msg = "SMAI's pre-processor must not normalise images (SMAI works on [0, 1] RGB): remove Normalize."
             raise SmaiInputError(msg)
@@ -489,18 +324,18 @@ class Smai(AnomalibModule):
 
         """
         del args, kwargs
-        self._check_finite(batch)
+        self.check_finite(batch)
         self._calibration_stale = self.model.calibration != Calibration.NONE
         self._trained_on = self.model.training_family
         with torch.no_grad():
             images, holes = self.model.training_inputs(batch.image, self.n_masked)
         output, pyramid = self.model(images, holes)
         originals = to_signed(images)
-        composite = originals * (1 - holes) + output * holes
+        completed = composite(originals, output, holes)
         generator_optimizer, discriminator_optimizer = self.optimizers()
 
         discriminator_loss = discriminator_hinge_loss(
-            self.discriminator(originals), self.discriminator(composite.detach())
+            self.discriminator(originals), self.discriminator(completed.detach())
         )
         discriminator_optimizer.zero_grad()
         self.manual_backward(discriminator_loss)
@@ -508,7 +343,7 @@ class Smai(AnomalibModule):
         # discriminator steps past that counter, so global_step and max_steps count iterations.
         self.trainer.strategy.optimizer_step(discriminator_optimizer.optimizer, closure=_no_closure)
 
-        terms = self.loss(originals, holes, output, pyramid, self.discriminator(composite))
+        terms = self.loss(originals, holes, output, pyramid, self.discriminator(completed))
         generator_optimizer.zero_grad()
         self.manual_backward(terms["loss"])
         generator_optimizer.step()
@@ -534,72 +369,8 @@ class Smai(AnomalibModule):
         return self._score(batch)
 
     def _score(self, batch: Batch) -> Batch:
-        self._check_finite(batch)
+        self.check_finite(batch)
         return batch.update(**self.model(batch.image)._asdict())
-
-    @staticmethod
-    def _check_finite(batch: Batch) -> None:
-        """Refuse NaN or infinite pixels; a check on values, so it lives outside the exported graph."""
-        finite = torch.isfinite(batch.image).flatten(1).all(1)
-        if not finite.all():
-            bad = (~finite).nonzero().flatten().tolist()
-            paths = getattr(batch, "image_path", None)
-            names = [str(paths[index]) for index in bad] if paths else [f"batch index {index}" for index in bad]
-            msg = f"Input images contain NaN or infinite values: {', '.join(names)}. Check the data and the transforms."
-            raise SmaiInputError(msg)
-
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs,
-    ) -> Path:
-        """Export to ONNX with opset 18, which PEN-Net's attention needs (``fold`` is ``Col2Im``).
-
-        The graph holds the whole pipeline: resize, superpixels, every inpainting pass, the
-        scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
-        width stay dynamic (the pre-processor resizes to the model's size). Other arguments go
-        to :meth:`anomalib.models.AnomalibModule.to_onnx`.
-        """
-        self._check_calibrated()
-        kwargs.setdefault("opset_version", ONNX_OPSET)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
-
-    def to_openvino(self, *args, compression_type: CompressionType | str | None = None, **kwargs) -> Path:
-        """Export to OpenVINO (:meth:`anomalib.models.AnomalibModule.to_openvino`).
-
-        ``fp16`` and ``int8`` (weights only) keep bottle's metrics within 0.004 of float32;
-        ``int8_ptq`` is refused: quantising the activations breaks the scoring (measured with
-        ``benchmarks/deploy_latency.py``).
-
-        Raises:
-            ValueError: If ``compression_type`` is ``int8_ptq``.
-
-        """
-        if compression_type is not None and CompressionType(compression_type) == CompressionType.INT8_PTQ:
-            msg = (
-                "SMAI does not survive int8_ptq: quantising its activations (superpixels, score maps, calibration) "
-                "dropped bottle's image AUROC from 0.983 to 0.500 and PRO from 0.756 to 0.588. Use "
-                "--compression_type int8 (weights only; image AUROC 0.979) or fp16 (0.980) instead."
-            )
-            raise SmaiInputError(msg)
-        return super().to_openvino(*args, compression_type=compression_type, **kwargs)
-
-    def to_torch(self, *args, **kwargs) -> Path:
-        """Export to Torch (:meth:`anomalib.models.AnomalibModule.to_torch`), once calibrated."""
-        self._check_calibrated()
-        return super().to_torch(*args, **kwargs)
-
-    def _check_calibrated(self) -> None:
-        """Refuse to export a calibrating model whose statistics are missing or stale."""
-        if self.needs_calibration:
-            msg = (
-                "SMAI's normal statistics are missing or older than its weights, so the export would score "
-                "without them: export after fitting (validation calibrates), or from a checkpoint saved at the end "
-                "of training."
-            )
-            raise SmaiInputError(msg)
 
     def _last_iteration(self) -> int:
         """Count the iterations after which training stops (a huge number when unbounded)."""
@@ -631,4 +402,17 @@ class Smai(AnomalibModule):
         return LearningType.ONE_CLASS
 
 
-_autoload.expose(Smai)
+def _add_to_anomalib_models(model_class: type) -> None:
+    """Make ``model_class`` reachable through ``anomalib.models`` (``get_model``, ``--model Smai``).
+
+    Called when this module is imported: by the user, or by :mod:`smai_plugin._autoload` when
+    ``anomalib.models`` has loaded.
+    """
+    models = sys.modules["anomalib.models"]
+    setattr(models, model_class.__name__, model_class)
+    if model_class.__name__ not in models.__all__:
+        models.__all__.append(model_class.__name__)
+    models.ALLOWED_MODULES.update({"smai_plugin", model_class.__module__})
+
+
+_add_to_anomalib_models(Smai)

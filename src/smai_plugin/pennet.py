@@ -33,6 +33,17 @@ from .errors import SmaiInputError
 N_LEVELS = 6
 
 
+def composite(images: torch.Tensor, inpainted: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
+    """Paste the inpainting into the images' holes (``holes``: 1 in the hole).
+
+    Example:
+        >>> composite(torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2), torch.tensor([[[[0.0, 1.0]]]]))
+        tensor([[[[0., 1.]]]])
+
+    """
+    return images * (1 - holes) + inpainted * holes
+
+
 def init_weights(module: nn.Module) -> None:
     """He-normal weights and zero biases for every convolution.
 

@@ -1,0 +1,97 @@
+"""SMAI's export rules on top of anomalib's, and the CPU fact its deployment depends on.
+
+anomalib's ``ExportMixin`` exports any model to Torch, ONNX and OpenVINO. SMAI adds three
+rules: a calibrating model exports only with fitted, current normal statistics (they are
+constants of the graph); ONNX needs opset 18 (PEN-Net's attention folds patches, ``Col2Im``);
+and ``int8_ptq`` is refused, because quantising the activations breaks the scoring.
+
+OpenVINO's CPU plugin infers in bfloat16 by default on CPUs that have it
+(:func:`cpu_has_bf16`); SMAI's maps are computed so that this changes its detections by less
+than 0.005 (README, "Deploy").
+
+Example:
+    >>> isinstance(cpu_has_bf16(), bool)
+    True
+
+"""
+
+from pathlib import Path
+
+from anomalib.deploy import CompressionType
+
+from .errors import SmaiInputError
+
+__all__ = ["ONNX_OPSET", "SmaiExportMixin", "cpu_has_bf16"]
+
+ONNX_OPSET = 18
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has AVX-512 bfloat16 instructions (OpenVINO's CPU plugin then defaults to bf16).
+
+    ``False`` where ``/proc/cpuinfo`` does not exist (not Linux).
+    """
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text()
+
+
+class SmaiExportMixin:
+    """Export methods of :class:`~smai_plugin.Smai`, checked before anomalib's ``ExportMixin`` runs.
+
+    Mixed in before ``AnomalibModule``; needs the model's ``needs_calibration``.
+    """
+
+    needs_calibration: bool
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> Path:
+        """Export to ONNX with opset 18, which PEN-Net's attention needs (``fold`` is ``Col2Im``).
+
+        The graph holds the whole pipeline: resize, superpixels, every inpainting pass, the
+        scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
+        width stay dynamic (the pre-processor resizes to the model's size). Other arguments go
+        to :meth:`anomalib.models.AnomalibModule.to_onnx`.
+        """
+        self._check_calibrated()
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(self, *args, compression_type: CompressionType | str | None = None, **kwargs) -> Path:
+        """Export to OpenVINO (:meth:`anomalib.models.AnomalibModule.to_openvino`).
+
+        ``fp16`` and ``int8`` (weights only) keep bottle's metrics within 0.004 of float32;
+        ``int8_ptq`` is refused: quantising the activations breaks the scoring (measured with
+        ``benchmarks/deploy_latency.py``).
+
+        Raises:
+            ValueError: If ``compression_type`` is ``int8_ptq``.
+
+        """
+        if compression_type is not None and CompressionType(compression_type) == CompressionType.INT8_PTQ:
+            msg = (
+                "SMAI does not survive int8_ptq: quantising its activations (superpixels, score maps, calibration) "
+                "dropped bottle's image AUROC from 0.983 to 0.500 and PRO from 0.756 to 0.588. Use "
+                "--compression_type int8 (weights only; image AUROC 0.979) or fp16 (0.980) instead."
+            )
+            raise SmaiInputError(msg)
+        return super().to_openvino(*args, compression_type=compression_type, **kwargs)
+
+    def to_torch(self, *args, **kwargs) -> Path:
+        """Export to Torch (:meth:`anomalib.models.AnomalibModule.to_torch`), once calibrated."""
+        self._check_calibrated()
+        return super().to_torch(*args, **kwargs)
+
+    def _check_calibrated(self) -> None:
+        """Refuse to export a calibrating model whose statistics are missing or stale."""
+        if self.needs_calibration:
+            msg = (
+                "SMAI's normal statistics are missing or older than its weights, so the export would score "
+                "without them: export after fitting (validation calibrates), or from a checkpoint saved at the end "
+                "of training."
+            )
+            raise SmaiInputError(msg)
