@@ -1,9 +1,11 @@
-"""What the benchmark scripts share: a config's model arguments, trained checkpoints rescored, a memory meter.
+"""What the benchmark scripts share: their common options, a config's model arguments, trained checkpoints rescored.
 
 Every script builds SMAI from an anomalib CLI config (``configs/*.yaml``) and chooses its own
 metrics, so the config's ``evaluator`` (a ``class_path`` spec, which only anomalib's CLI builds)
 is left out. Scripts that compare scoring settings load one trained checkpoint with each (the
 public, validated way to change how a trained model scores) through :func:`load_for_scoring`.
+The memory meter (``PeakMemory``) and the Markdown tables (``markdown_table``) are the
+``smai-benchmark`` harness's own (:mod:`smai_plugin.benchmark`).
 
 Example:
     >>> sorted(model_init_args("configs/smai_cpu.yaml", max_steps=5))[:3]
@@ -11,16 +13,32 @@ Example:
 
 """
 
-import threading
-import time
+import argparse
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
-from anomalib.metrics import AUPRO, AUROC, Evaluator
 
 from smai_plugin import Smai
+from smai_plugin.benchmark.config import DEFAULT_ROOT
+from smai_plugin.benchmark.memory import PeakMemory
+from smai_plugin.benchmark.report import markdown_table
+from smai_plugin.benchmark.runner import evaluator
+
+__all__ = ["PeakMemory", "load_for_scoring", "markdown_table", "model_init_args", "script_parser"]
+
+
+def script_parser(description: str, config_help: str = "anomalib CLI config of SMAI") -> argparse.ArgumentParser:
+    """An argument parser with the options every script takes: ``--config``, ``--root``, ``--category``.
+
+    ``description`` is shown as written (the script's docstring, with its examples).
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/smai_cpu.yaml"), help=config_help)
+    root_help = "dataset root holding the category folders, MVTec AD layout (default: %(default)s)"
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=root_help)  # argparse makes it a Path
+    parser.add_argument("--category", default="bottle", help="category folder under --root (default: %(default)s)")
+    return parser
 
 
 def model_init_args(config: Path | str, **overrides: Any) -> dict[str, Any]:
@@ -36,46 +54,9 @@ def load_for_scoring(checkpoint: Path, **settings: Any) -> Smai:
     The checkpoint's post-processor learnt its normalisation bounds for the training run's
     scoring; other settings' scores would be clamped to them. The metrics are rank-based, so
     they are taken on the raw scores (what validation on the test split, anomalib's default,
-    would normalise without clamping).
+    would normalise without clamping). The metrics are the ``smai-benchmark`` harness's.
     """
     model = Smai.load_from_checkpoint(checkpoint, map_location="cpu", **settings)
     model.post_processor = None
-    model.evaluator = Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
-        ]
-    )
+    model.evaluator = evaluator()
     return model
-
-
-class PeakMemory:
-    """Resident-set high-water mark, sampled every 10 ms in a thread while the block runs.
-
-    ``peak_mib``: the peak above the level at entry (what the block itself added);
-    ``peak_rss_mib``: the process's whole resident set at its peak.
-    """
-
-    def __enter__(self) -> "PeakMemory":
-        self._process = psutil.Process()
-        self._base = self._process.memory_info().rss
-        self.peak_rss_mib = self._base / 2**20
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def peak_mib(self) -> float:
-        return max(0.0, self.peak_rss_mib - self._base / 2**20)
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)
-            time.sleep(0.01)
-
-    def __exit__(self, *exc: object) -> None:
-        self._running = False
-        self._thread.join()
-        self.peak_rss_mib = max(self.peak_rss_mib, self._process.memory_info().rss / 2**20)

@@ -20,13 +20,15 @@ included) is its own.
 
 Examples::
 
-    python benchmarks/deploy_latency.py --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
-    python benchmarks/deploy_latency.py --ckpt <model.ckpt> --compression fp16 int8 --patchcore
-    python benchmarks/deploy_latency.py --config configs/smai_cpu.yaml --images 8  # speed only
-    python benchmarks/deploy_latency.py --config configs/smai.yaml --scoring grouped
+    python benchmarks/deploy_latency.py --root ../shared/data
+        --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
+    python benchmarks/deploy_latency.py --root ../shared/data --ckpt <model.ckpt> --compression fp16 int8 --patchcore
+    python benchmarks/deploy_latency.py --root ../shared/data --config configs/smai_cpu.yaml --images 8  # speed only
+    python benchmarks/deploy_latency.py --root ../shared/data --config configs/smai.yaml --scoring grouped
+
+(the first on one line).
 """
 
-import argparse
 import multiprocessing
 import tempfile
 import time
@@ -43,11 +45,12 @@ from anomalib.deploy import CompressionType, OpenVINOInferencer
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC
 from anomalib.models import Patchcore
-from common import PeakMemory, model_init_args
+from common import PeakMemory, markdown_table, model_init_args, script_parser
 from torch.nn import functional as F  # noqa: N812
 
 from smai_plugin import Smai
 from smai_plugin.backbone import OFFLINE_BACKBONE
+from smai_plugin.export import cpu_has_bf16
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N, 3, H, W) -> scores (N,), maps (N, H, W)
 
@@ -134,11 +137,8 @@ def metrics(scores: np.ndarray, maps: np.ndarray, labels: torch.Tensor, masks: t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, config_help="without --ckpt")
     parser.add_argument("--ckpt", type=Path, help="trained checkpoint: adds accuracy on the test split")
-    parser.add_argument("--config", type=Path, default=Path("configs/smai_cpu.yaml"), help="without --ckpt")
-    parser.add_argument("--root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--category", default="bottle")
     parser.add_argument("--images", type=int, help="test images used (default: all with --ckpt, else 8)")
     parser.add_argument("--scoring", help="override the config's scoring (without --ckpt)")
     parser.add_argument("--patchcore", action="store_true", help="add anomalib's PatchCore, fitted here")
@@ -203,17 +203,13 @@ def main() -> None:
                     row["max"] = float(np.abs(maps - reference).max())
             rows.append(row)
 
-    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "unknown"
     print(
         f"\n{label}: {len(images)} {args.category} test images, {torch.get_num_threads()} torch threads, "
-        f"CPU bf16: {bf16}"
+        f"CPU bf16: {cpu_has_bf16()}"
     )
     columns = list(dict.fromkeys(key for row in rows for key in row))  # PatchCore rows have no map difference
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        values = (row.get(column, "") for column in columns)
-        print("| " + " | ".join(value if isinstance(value, str) else f"{value:.3f}" for value in values) + " |")
+    cells = ([row.get(column, "") for column in columns] for row in rows)
+    print(markdown_table(columns, ([v if isinstance(v, str) else f"{v:.3f}" for v in values] for values in cells)))
 
 
 if __name__ == "__main__":

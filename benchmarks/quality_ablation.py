@@ -12,7 +12,6 @@ README's table)::
     python benchmarks/quality_ablation.py --root ../shared/data --category bottle
 """
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshold
-from common import load_for_scoring, model_init_args
+from common import load_for_scoring, markdown_table, model_init_args, script_parser
 from lightning import Callback, seed_everything
 
 from smai_plugin import Smai
@@ -142,10 +141,7 @@ def evaluate(checkpoint: Path, settings: dict[str, Any], datamodule: MVTecAD, wo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/smai_cpu.yaml"))
-    parser.add_argument("--root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--category", default="bottle")
+    parser = script_parser(__doc__)
     parser.add_argument("--short-steps", type=int, default=300, help="the earlier CPU preset's iterations")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", type=Path, default=Path("results/quality_ablation"))
@@ -179,13 +175,10 @@ def main() -> None:
     summary = {"category": args.category, "config": str(args.config), "train_seconds": train_seconds, "rows": rows}
     (args.output / "ablation.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{args.category}; training (s): {train_seconds}; preset {steps} iterations, short {args.short_steps}")
-    print("| variant | training | image AUROC | pixel AUROC | PRO | good acc. | defect acc. | s/image |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['variant']} | {row['training']} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} "
-            f"| {row['pro']:.3f} | {row['good_acc']:.2f} | {row['defect_acc']:.2f} | {row['s_per_image']:.2f} |"
-        )
+    columns = ["variant", "training", "image AUROC", "pixel AUROC", "PRO", "good acc.", "defect acc.", "s/image"]
+    digits = {"image_auroc": 3, "pixel_auroc": 3, "pro": 3, "good_acc": 2, "defect_acc": 2, "s_per_image": 2}
+    cells = [[row["variant"], row["training"], *(f"{row[key]:.{n}f}" for key, n in digits.items())] for row in rows]
+    print(markdown_table(columns, cells))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ not hidden by memory an earlier mode freed. Example (the README's numbers)::
     python benchmarks/scoring_modes.py --root ../shared/data --category bottle
 """
 
-import argparse
 import json
 import multiprocessing
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from common import PeakMemory, load_for_scoring, model_init_args
+from common import PeakMemory, load_for_scoring, markdown_table, model_init_args, script_parser
 
 from smai_plugin import Smai
 from smai_plugin.torch_model import SmaiModel
@@ -82,10 +81,7 @@ def train_or_load(engine: Engine, datamodule: MVTecAD, init_args: dict, ckpt: Pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/smai_cpu.yaml"))
-    parser.add_argument("--root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--category", default="bottle")
+    parser = script_parser(__doc__)
     parser.add_argument("--ckpt", type=Path, default=None, help="whole-image checkpoint of the config (skips training)")
     parser.add_argument("--windowed-ckpt", type=Path, default=None, help="windowed checkpoint (skips its training)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -140,21 +136,18 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"category": args.category, "config": str(args.config), "rows": rows}, indent=2))
     print(f"\n{args.category}, accuracy with {args.config} ({init_args['image_size']}); speed at 256x256, K=77, c=32")
-    print(
-        "| mode | trained on | train s | image AUROC | pixel AUROC | PRO | s/image (test) | s/image 256 | "
-        "peak MiB 256 | speed-up |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["mode", "trained on", "train s", "image AUROC", "pixel AUROC", "PRO", "s/image (test)"]
+    columns += ["s/image 256", "peak MiB 256", "speed-up"]
+    cells = []
     for r in rows:
         speedup = f"{r['speedup_vs_leave_one_out']:.1f}x" if r["speedup_vs_leave_one_out"] else "-"
         trained = {"windowed": "crops", "whole": "images"}.get(r.get("training"), "-")
         train = "-" if "training" not in r else "(ckpt)" if r["train_s"] is None else f"{r['train_s']:.0f}"
-        accuracy = " | ".join(f"{r[key]:.3f}" if key in r else "-" for key in ("image_AUROC", "pixel_AUROC", "PRO"))
+        accuracy = [f"{r[key]:.3f}" if key in r else "-" for key in ("image_AUROC", "pixel_AUROC", "PRO")]
         test_seconds = f"{r['test_s_per_image']:.2f}" if "test_s_per_image" in r else "-"
-        print(
-            f"| {r['mode']} | {trained} | {train} | {accuracy} | {test_seconds} | "
-            f"{r['paper_s_per_image']:.2f} | {r['paper_peak_MiB']:.0f} | {speedup} |"
-        )
+        paper = [f"{r['paper_s_per_image']:.2f}", f"{r['paper_peak_MiB']:.0f}", speedup]
+        cells.append([r["mode"], trained, train, *accuracy, test_seconds, *paper])
+    print(markdown_table(columns, cells))
 
 
 if __name__ == "__main__":

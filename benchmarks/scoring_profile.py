@@ -5,18 +5,20 @@ test images at the model's size, at batch 1 and batch 8, after one warm-up call 
 overlap: the difference maps include SLIC and the measures timed alone below them; the rest of
 them is PEN-Net's inpainting. Examples::
 
-    python benchmarks/scoring_profile.py --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
-    python benchmarks/scoring_profile.py --config configs/smai_cpu.yaml  # untrained: the same cost
+    python benchmarks/scoring_profile.py --root ../shared/data
+        --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
+    python benchmarks/scoring_profile.py --root ../shared/data --config configs/smai_cpu.yaml  # untrained: same cost
+
+(the first on one line).
 """
 
-import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from anomalib.data.utils import read_image
-from common import model_init_args
+from common import markdown_table, model_init_args, script_parser
 
 from smai_plugin import Smai
 from smai_plugin.torch_model import to_signed
@@ -31,11 +33,8 @@ def milliseconds_per_image(function: Callable[[], object], batch: int, repeats: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, config_help="without --ckpt (untrained: the same cost)")
     parser.add_argument("--ckpt", type=Path, help="trained checkpoint (else --config, untrained)")
-    parser.add_argument("--config", type=Path, default=Path("configs/smai_cpu.yaml"))
-    parser.add_argument("--root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--category", default="bottle")
     args = parser.parse_args()
 
     if args.ckpt:
@@ -49,8 +48,7 @@ def main() -> None:
         core.calibrate([images])
 
     print(f"{args.ckpt or args.config}: {tuple(images.shape[-2:])} images, {torch.get_num_threads()} torch threads")
-    print("| part | ms/image, batch 1 | ms/image, batch 8 |")
-    print("|---|---|---|")
+    rows = []
     with torch.no_grad():
         parts = {
             "whole `Smai.forward`": lambda x: model(x),
@@ -63,7 +61,8 @@ def main() -> None:
             )
         for name, part in parts.items():
             times = [milliseconds_per_image(lambda b=b, part=part: part(images[:b]), b) for b in (1, 8)]
-            print(f"| {name} | {times[0]:.1f} | {times[1]:.1f} |")
+            rows.append([name, f"{times[0]:.1f}", f"{times[1]:.1f}"])
+    print(markdown_table(["part", "ms/image, batch 1", "ms/image, batch 8"], rows))
 
 
 if __name__ == "__main__":

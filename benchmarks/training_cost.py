@@ -7,7 +7,6 @@ and data set-up. Both trainings alternate in one run. Example (the README's numb
     python benchmarks/training_cost.py --config configs/smai_cpu.yaml --root ../shared/data
 """
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from common import model_init_args
+from common import markdown_table, model_init_args, script_parser
 
 from smai_plugin import Smai
 
@@ -32,10 +31,7 @@ def fit_seconds(init_args: dict, datamodule: MVTecAD, steps: int, work: Path) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/smai_cpu.yaml"))
-    parser.add_argument("--root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--category", default="bottle")
+    parser = script_parser(__doc__)
     parser.add_argument("--short", type=int, default=5)
     parser.add_argument("--long", type=int, default=25)
     args = parser.parse_args()
@@ -49,11 +45,12 @@ def main() -> None:
                 runs.append(fit_seconds(init_args | {"scoring": scoring}, datamodule, steps, Path(work)))
     per_step = {scoring: (long - short) / (args.long - args.short) for scoring, (short, long) in seconds.items()}
     print(f"\n{args.config} ({init_args['image_size']}, batch 8, {init_args['n_masked']} masked per image)")
-    print("| training | s/iteration | relative |")
-    print("|---|---|---|")
-    for scoring, value in per_step.items():
-        name = "whole images (leave_one_out, grouped)" if scoring == "leave_one_out" else "64x64 crops (windowed)"
-        print(f"| {name} | {value:.2f} | {value / per_step['leave_one_out']:.2f} |")
+    names = {"leave_one_out": "whole images (leave_one_out, grouped)", "windowed": "64x64 crops (windowed)"}
+    rows = [
+        [names[scoring], f"{value:.2f}", f"{value / per_step['leave_one_out']:.2f}"]
+        for scoring, value in per_step.items()
+    ]
+    print(markdown_table(["training", "s/iteration", "relative"], rows))
 
 
 if __name__ == "__main__":
