@@ -21,7 +21,7 @@ from anomalib.data.utils import read_image
 from common import markdown_table, model_init_args, script_parser
 
 from smai_plugin import Smai
-from smai_plugin.torch_model import to_signed
+from smai_plugin.pennet import to_signed
 
 
 def milliseconds_per_image(function: Callable[[], object], batch: int, repeats: int = 3) -> float:

@@ -51,8 +51,9 @@ def train_images(root: Path) -> list[Path]:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"image_size": (100, 100)}, r"image_size must be \(height, width\), each a positive multiple of 64"),
-        ({"image_size": (0, 64)}, "positive multiple of 64"),
+        ({"image_size": (100, 100)}, r"height and width that are positive multiples of 64 .* got 100x100"),
+        ({"image_size": (0, 64)}, "positive multiples of 64 .* got 0x64"),
+        ({"image_size": (64, 64, 64)}, r"image_size must be \(height, width\)"),
         ({"image_size": (64, 64), "n_superpixels": 5000}, "n_superpixels .5000. exceeds the 4096 pixels"),
         ({"discriminator_channels": -8}, "discriminator_channels must be a whole number of at least 1"),
         ({"slic_iterations": 0}, "slic_iterations must be a whole number of at least 1"),

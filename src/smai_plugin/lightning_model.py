@@ -53,8 +53,8 @@ from .data_checks import SmaiDataChecksMixin
 from .errors import SmaiInputError
 from .export import SmaiExportMixin
 from .loss import SmaiLoss, discriminator_hinge_loss
-from .pennet import PenNetDiscriminator, composite
-from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel, to_signed
+from .pennet import PenNetDiscriminator, composite, to_signed
+from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel
 
 __all__ = ["Smai"]
 
@@ -203,7 +203,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             image_size = (image_size, image_size)  # a square, as anomalib's models read an int size
         # The size the default pre-processor resizes to; a custom one is checked on the first batch.
         size = (image_size or DEFAULT_IMAGE_SIZE) if pre_processor is True else None
-        self._check_sizes(n_superpixels, size)
+        self._check_image_size(model, size)
         if size is not None and model.scoring == ScoringMode.WINDOWED and window_size > min(size):
             rank_zero_warn(
                 f"window_size {window_size} is larger than the {size} images: every windowed pass inpaints "
@@ -244,19 +244,15 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         return PreProcessor(transform=Compose([Resize(image_size or DEFAULT_IMAGE_SIZE, antialias=True)]))
 
     @staticmethod
-    def _check_sizes(n_superpixels: int, image_size: tuple[int, int] | None) -> None:
-        """Refuse an ``image_size`` PEN-Net cannot take or with fewer pixels than superpixels."""
+    def _check_image_size(model: SmaiModel, image_size: tuple[int, int] | None) -> None:
+        """Refuse an ``image_size`` PEN-Net or the superpixels cannot take, before any image is read."""
         if image_size is None:  # a custom pre-processor: SmaiModel checks each batch
             return
-        if len(image_size) != 2 or any(side < SIZE_MULTIPLE or side % SIZE_MULTIPLE for side in image_size):
+        if len(image_size) != 2:
             msg = f"image_size must be (height, width), each a positive multiple of {SIZE_MULTIPLE}, got {image_size}."
             raise SmaiInputError(msg)
-        if n_superpixels > image_size[0] * image_size[1]:
-            msg = (
-                f"n_superpixels ({n_superpixels}) exceeds the {image_size[0] * image_size[1]} pixels of "
-                f"{image_size[0]}x{image_size[1]} images: lower n_superpixels or raise image_size."
-            )
-            raise SmaiInputError(msg)
+        model.check_size(*image_size)
+        model.masker.check_size(*image_size)
 
     def setup(self, stage: str) -> None:
         """Check checkpoints before the trainer reads them; let DDP find unused parameters when fitting.

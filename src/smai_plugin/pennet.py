@@ -9,7 +9,8 @@ Sizes for a 256x256 input and base width ``c``:
   outputs at 8, 16, 32, 64 and 128 pixels, and a final two-convolution head at full size;
 - discriminator: spectral-norm 5x5 patch discriminator on the composited image.
 
-Images are in ``[-1, 1]``; masks have 1 in the hole. The generator sees the masked image
+Images are in ``[-1, 1]`` (:func:`to_signed` and :func:`to_unit_range` convert from and to
+anomalib's ``[0, 1]``); masks have 1 in the hole. The generator sees the masked image
 (holes filled with +1) and the mask as a fourth channel.
 
 Example:
@@ -31,6 +32,16 @@ from .attention import AttentionTransfer
 from .errors import SmaiInputError
 
 N_LEVELS = 6
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """Map images from ``[0, 1]`` (anomalib's pre-processor output) to PEN-Net's ``[-1, 1]``."""
+    return images * 2 - 1
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Map images from PEN-Net's ``[-1, 1]`` back to ``[0, 1]``."""
+    return (images + 1) / 2
 
 
 def composite(images: torch.Tensor, inpainted: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:

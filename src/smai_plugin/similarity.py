@@ -35,6 +35,7 @@ from torch.nn import functional as F  # noqa: N812
 from ._config import parse_enum
 from .backbone import OFFLINE_BACKBONE
 from .errors import SmaiInputError
+from .pennet import to_unit_range
 
 SSIM_WINDOW = 11
 # GMS stability constant for images in [0, 1] (GMSD's 170 for [0, 255], divided by 255^2).
@@ -55,11 +56,6 @@ class ScoreMeasure(str, Enum):
     L2 = "l2"
     MSGMS = "msgms"
     FEATURES = "features"
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Map images from ``[-1, 1]`` to ``[0, 1]``."""
-    return (images + 1) / 2
 
 
 def ssim_map(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,20 @@ class SuperpixelMasker(nn.Module):
         self.compactness = compactness
         self.slic_iterations = slic_iterations
 
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse images with fewer pixels than superpixels.
+
+        Raises:
+            ValueError: If ``n_superpixels`` exceeds ``height * width``.
+
+        """
+        if self.n_superpixels > height * width:
+            msg = (
+                f"n_superpixels ({self.n_superpixels}) exceeds the {height * width} pixels of {height}x{width} "
+                "images: lower n_superpixels or raise image_size."
+            )
+            raise SmaiInputError(msg)
+
     def labels(self, images: torch.Tensor) -> torch.Tensor:
         """Segment images into superpixels.
 
@@ -101,12 +115,7 @@ class SuperpixelMasker(nn.Module):
 
         """
         batch, _, height, width = images.shape
-        if self.n_superpixels > height * width:  # shapes only: export sees a constant
-            msg = (
-                f"n_superpixels ({self.n_superpixels}) exceeds the {height * width} pixels of {height}x{width} "
-                "images: lower n_superpixels or use larger images."
-            )
-            raise SmaiInputError(msg)
+        self.check_size(height, width)  # shapes only: export sees a constant
         rows, cols = superpixel_grid(self.n_superpixels, height, width)
         step = math.sqrt(height * width / (rows * cols))
         # Spatial coordinates are divided by the grid step and scaled by the compactness, so a

@@ -34,17 +34,12 @@ from ._config import check_int, parse_enum
 from .anomaly_map import AnomalyMapGenerator, Comparison
 from .calibration import Calibration, NormalStatistics
 from .errors import SmaiInputError
-from .pennet import N_LEVELS, PenNetGenerator
+from .pennet import N_LEVELS, PenNetGenerator, to_signed
 from .schedule import ScoringMode, crop_passes
 from .similarity import ScoreMeasure
 from .superpixel import SuperpixelMasker
 
 SIZE_MULTIPLE = 2**N_LEVELS
-
-
-def to_signed(images: torch.Tensor) -> torch.Tensor:
-    """Map images from ``[0, 1]`` (anomalib's pre-processor output) to PEN-Net's ``[-1, 1]``."""
-    return images * 2 - 1
 
 
 def random_superpixels(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor:
@@ -168,11 +163,20 @@ class SmaiModel(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"SMAI expects RGB image batches of shape (B, 3, H, W), got {tuple(images.shape)}."
             raise SmaiInputError(msg)
-        height, width = images.shape[-2:]
-        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+        SmaiModel.check_size(*images.shape[-2:])
+
+    @staticmethod
+    def check_size(height: int, width: int) -> None:
+        """Refuse an image size PEN-Net cannot take: height and width positive multiples of 64.
+
+        Raises:
+            ValueError: If a side is not a positive multiple of 64.
+
+        """
+        if any(side < SIZE_MULTIPLE or side % SIZE_MULTIPLE for side in (height, width)):
             msg = (
-                f"SMAI needs image height and width that are multiples of {SIZE_MULTIPLE} (PEN-Net halves "
-                f"them {N_LEVELS} times), got {height}x{width}. Resize with the pre-processor, e.g. "
+                f"SMAI needs image height and width that are positive multiples of {SIZE_MULTIPLE} (PEN-Net "
+                f"halves them {N_LEVELS} times), got {height}x{width}. Resize with the pre-processor, e.g. "
                 f"Smai(image_size=(256, 256))."
             )
             raise SmaiInputError(msg)
