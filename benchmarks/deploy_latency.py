@@ -29,6 +29,7 @@ Examples::
 (the first on one line).
 """
 
+import math
 import multiprocessing
 import tempfile
 import time
@@ -133,6 +134,8 @@ def metrics(scores: np.ndarray, maps: np.ndarray, labels: torch.Tensor, masks: t
     ]:
         metric.update(batch)
         values[name] = float(metric.compute())
+    if labels.unique().numel() < 2:  # AUROC needs good and defective images; anomalib's reads 0 without them
+        values["image AUROC"] = math.nan
     return values
 
 
@@ -208,8 +211,11 @@ def main() -> None:
         f"CPU bf16: {cpu_has_bf16()}"
     )
     columns = list(dict.fromkeys(key for row in rows for key in row))  # PatchCore rows have no map difference
-    cells = ([row.get(column, "") for column in columns] for row in rows)
-    print(markdown_table(columns, ([v if isinstance(v, str) else f"{v:.3f}" for v in values] for values in cells)))
+    print(markdown_table(columns, ([cell(row.get(column, "")) for column in columns] for row in rows)))
+
+
+def cell(value: str | float) -> str:
+    return value if isinstance(value, str) else "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 if __name__ == "__main__":
