@@ -4,7 +4,7 @@ Every script builds SMAI from an anomalib CLI config (``configs/*.yaml``) and ch
 metrics, so the config's ``evaluator`` (a ``class_path`` spec, which only anomalib's CLI builds)
 is left out. Scripts that compare scoring settings load one trained checkpoint with each (the
 public, validated way to change how a trained model scores) through :func:`load_for_scoring`.
-The memory meter (``PeakMemory``) and the Markdown tables (``markdown_table``) are the
+The memory meter (``PeakMemory``) and the Markdown tables (``markdown_table``, ``format_cell``) are the
 ``smai-benchmark`` harness's own (:mod:`smai_plugin.benchmark`).
 
 Example:
@@ -22,10 +22,10 @@ import yaml
 from smai_plugin import Smai
 from smai_plugin.benchmark.config import DEFAULT_ROOT
 from smai_plugin.benchmark.memory import PeakMemory
-from smai_plugin.benchmark.report import markdown_table
+from smai_plugin.benchmark.report import format_cell, markdown_table
 from smai_plugin.benchmark.runner import evaluator
 
-__all__ = ["PeakMemory", "load_for_scoring", "markdown_table", "model_init_args", "script_parser"]
+__all__ = ["PeakMemory", "format_cell", "load_for_scoring", "markdown_table", "model_init_args", "script_parser"]
 
 
 def script_parser(description: str, config_help: str = "anomalib CLI config of SMAI") -> argparse.ArgumentParser:

@@ -46,7 +46,7 @@ from anomalib.deploy import CompressionType, OpenVINOInferencer
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC
 from anomalib.models import Patchcore
-from common import PeakMemory, markdown_table, model_init_args, script_parser
+from common import PeakMemory, format_cell, markdown_table, model_init_args, script_parser
 from torch.nn import functional as F  # noqa: N812
 
 from smai_plugin import Smai
@@ -211,11 +211,7 @@ def main() -> None:
         f"CPU bf16: {cpu_has_bf16()}"
     )
     columns = list(dict.fromkeys(key for row in rows for key in row))  # PatchCore rows have no map difference
-    print(markdown_table(columns, ([cell(row.get(column, "")) for column in columns] for row in rows)))
-
-
-def cell(value: str | float) -> str:
-    return value if isinstance(value, str) else "n/a" if math.isnan(value) else f"{value:.3f}"
+    print(markdown_table(columns, ([format_cell(row.get(column, "")) for column in columns] for row in rows)))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 from .config import SMAI
 from .runner import RunResult
 
-__all__ = ["COLUMNS", "markdown_table", "plot_montage", "plot_roc", "table_notes", "write_tables"]
+__all__ = ["COLUMNS", "format_cell", "markdown_table", "plot_montage", "plot_roc", "table_notes", "write_tables"]
 
 COLUMNS = [
     "category",
@@ -65,7 +65,14 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def _format(value: Any, key: str) -> str:
+def format_cell(value: Any, key: str = "") -> str:
+    """Format a table cell: ``n/a`` for NaN, whole numbers for the harness's times and memory, else 3 decimals.
+
+    Example:
+        >>> format_cell(float("nan")), format_cell(0.97213), format_cell(123.4, "train_time_s")
+        ('n/a', '0.972', '123')
+
+    """
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -90,7 +97,7 @@ def write_tables(rows: list[dict[str, Any]], output: Path, notes: Sequence[str] 
         writer.writeheader()
         writer.writerows(rows)
     shown = COLUMNS[:-1]  # the status goes under the table, for failed runs
-    table = markdown_table(shown, ([_format(row[key], key) for key in shown] for row in rows))
+    table = markdown_table(shown, ([format_cell(row[key], key) for key in shown] for row in rows))
     failed = [f"- {row['model']} on {row['category']}: {row['status']}" for row in rows if row["status"] != "ok"]
     text = "\n".join([table, "", *notes, *(["", "Failed runs:", *failed] if failed else [])]) + "\n"
     (output / "results.md").write_text(text)
