@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from smai_plugin.anomaly_map import AnomalyMapGenerator
-from smai_plugin.schedule import window_index
+from smai_plugin.pennet import PenNetGenerator
+from smai_plugin.schedule import ScoringMode, pass_holes, window_index
 from smai_plugin.similarity import ScoreMeasure
 from smai_plugin.superpixel import SuperpixelMasker
 
@@ -124,6 +125,22 @@ def test_windowed_passes_inpaint_crops_and_score_like_leave_one_out() -> None:
     narrow = scorer(BlankInpainter(), image, holes, window=(8, 8))
     assert (narrow <= full + 1e-6).all()
     assert narrow.sum() < 0.5 * full.sum()
+
+
+@pytest.mark.parametrize("scoring", [ScoringMode.WINDOWED, ScoringMode.LEAVE_ONE_OUT])
+def test_masks_past_the_grid_get_no_pass_and_need_none(scoring: ScoringMode) -> None:
+    image = image_tensor(128)
+    superpixels = SuperpixelMasker(n_superpixels=40)((image + 1) / 2)
+    assert not superpixels[:, 36:].any()  # SLIC's centres make a 6 x 6 grid
+    holes = pass_holes(superpixels, scoring)
+    assert torch.equal(holes, superpixels[:, :36])
+    # The passes of empty masks would change nothing: the maps agree with and without them.
+    generator = PenNetGenerator(base_channels=4).eval()
+    scorer = AnomalyMapGenerator(["msgms", "l2"], comparison="reconstruction", sigma=0)
+    window = (64, 64) if scoring == ScoringMode.WINDOWED else None
+    with torch.no_grad():
+        with_empty_passes = scorer(generator, image, superpixels, window)
+        torch.testing.assert_close(scorer(generator, image, holes, window), with_empty_passes)
 
 
 def test_window_index_centres_the_crop_on_the_hole_inside_the_image() -> None:

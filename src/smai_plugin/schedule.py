@@ -24,7 +24,8 @@ from .superpixel import superpixel_grid
 class ScoringMode(str, Enum):
     """Which superpixels are masked together in one inpainting pass at inference.
 
-    ``leave_one_out``: the paper's schedule, one superpixel per pass (``n_superpixels`` passes).
+    ``leave_one_out``: the paper's schedule, one superpixel per pass (``n_superpixels`` passes,
+    fewer where SLIC's grid of centres has fewer cells).
     ``grouped``: superpixels whose grid cells are at least ``GROUP_STRIDE`` cells apart in a row
     or column share a pass, so no two neighbours are masked together; about one in nine
     superpixels is masked per pass (roughly what training masks), so 9 passes replace 77.
@@ -72,6 +73,10 @@ def superpixel_groups(n_superpixels: int, height: int, width: int, stride: int =
 def pass_holes(superpixels: torch.Tensor, scoring: ScoringMode) -> torch.Tensor:
     """Hole mask of every inference pass, ``(B, passes, H, W)``: the superpixels, or their groups.
 
+    Masks past the ``rows x cols`` grid of SLIC's centres are always empty (40 superpixels at
+    128x128 make a 6 x 6 grid), so they get no pass: an empty pass would inpaint a crop, or a
+    whole image, that adds nothing to the map.
+
     Args:
         superpixels (torch.Tensor): Superpixel masks ``(B, K, H, W)``.
         scoring (ScoringMode): The schedule; only ``grouped`` merges superpixels into passes.
@@ -79,9 +84,14 @@ def pass_holes(superpixels: torch.Tensor, scoring: ScoringMode) -> torch.Tensor:
     Returns:
         torch.Tensor: One hole mask per pass.
 
+    Example:
+        >>> pass_holes(torch.zeros(1, 40, 128, 128), ScoringMode.WINDOWED).shape  # 36 superpixels
+        torch.Size([1, 36, 128, 128])
+
     """
     if scoring != ScoringMode.GROUPED:
-        return superpixels
+        rows, cols = superpixel_grid(superpixels.shape[1], *superpixels.shape[-2:])
+        return superpixels[:, : rows * cols]
     groups = superpixel_groups(superpixels.shape[1], *superpixels.shape[-2:]).to(superpixels)
     return torch.einsum("bkhw,kg->bghw", superpixels, groups)
 
