@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from smai_plugin.attention import SOFTMAX_SCALE, AttentionTransfer, hole_at
+from smai_plugin.attention import SOFTMAX_SCALE, AttentionTransfer, fold_patches, hole_at
 
 
 def reference_atn(atn: AttentionTransfer, low: torch.Tensor, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,13 @@ def test_batched_equals_per_sample(patch_size: int, fuse: bool) -> None:
     mask[1, :, 40:64, 0:16] = 1  # sample 2 has no hole: every key is valid
     expected = reference_atn(atn, low, high, mask)
     torch.testing.assert_close(atn(low, high, mask), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(2, 2), (10, 8), (32, 32)])
+def test_fold_patches_adds_up_patches_like_torch_fold(size: tuple[int, int]) -> None:
+    patches = torch.randn(3, 5 * 16, (size[0] // 2) * (size[1] // 2))
+    expected = F.fold(patches, size, 4, stride=2, padding=1)
+    torch.testing.assert_close(fold_patches(patches, size), expected, rtol=0, atol=1e-6)
 
 
 def test_hole_keys_get_no_attention_and_full_hole_stays_finite() -> None:

@@ -2,8 +2,9 @@
 
 anomalib's ``ExportMixin`` exports any model to Torch, ONNX and OpenVINO. SMAI adds three
 rules: a calibrating model exports only with fitted, current normal statistics (they are
-constants of the graph); ONNX needs opset 18 (PEN-Net's attention folds patches, ``Col2Im``);
-and ``int8_ptq`` is refused, because quantising the activations breaks the scoring.
+constants of the graph); ONNX uses opset 18, the one torch's exporter writes (anomalib asks for
+14, which goes through ONNX's version converter); and ``int8_ptq`` is refused, because
+quantising the activations breaks the scoring.
 
 OpenVINO's CPU plugin infers in bfloat16 by default on CPUs that have it
 (:func:`cpu_has_bf16`); SMAI's maps are computed so that this changes its detections by less
@@ -50,7 +51,7 @@ class SmaiExportMixin:
         input_size: tuple[int, int] | None = None,
         **kwargs,
     ) -> Path:
-        """Export to ONNX with opset 18, which PEN-Net's attention needs (``fold`` is ``Col2Im``).
+        """Export to ONNX with opset 18, torch's exporter's own (no version conversion of the graph).
 
         The graph holds the whole pipeline: resize, superpixels, every inpainting pass, the
         scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
