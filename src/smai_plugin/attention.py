@@ -59,8 +59,8 @@ def fold_patches(patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ``m + di`` where ``2 di = py + 1 - ky`` (so ``ky`` is 1 or 3 on even rows, 2 or 0 on odd ones),
     and the same in columns. Each of the four parities is therefore a sum of four shifted slices,
     and the parities interleave like a pixel shuffle. The same values as ``F.fold``, without the
-    ``Col2Im`` it exports to: measured on a batch of 36 paste maps (16 channels, 32x32), OpenVINO's
-    CPU plugin ran this in 6.2 ms against 11.8 ms, torch in 1.5 ms against 2.3 ms.
+    ``Col2Im`` it exports to: in the CPU preset's exported graph (one bottle image, OpenVINO's
+    per-node counters) ``Col2Im`` took 30 of 124 ms, the pads and slices that replace it about 7.
 
     Args:
         patches (torch.Tensor): ``(B, C * 16, h * w)``, the ``4 x 4`` patches of ``C`` channels
