@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.segmentation import find_boundaries, slic
 
-from smai_plugin.superpixel import SuperpixelMasker, superpixel_grid
+from smai_plugin.superpixel import SuperpixelCache, SuperpixelMasker, superpixel_grid
 
 from .conftest import real_image
 
@@ -60,6 +60,50 @@ def test_masks_partition_the_image_with_fixed_count() -> None:
     rows, cols = superpixel_grid(40, 128, 128)
     assert (masks.flatten(2).sum(2) > 0).sum(1).le(rows * cols).all()
     assert torch.equal(masks[0], masks[1])  # batched images are segmented independently and alike
+
+
+class CountingMasker(SuperpixelMasker):
+    """A real masker that counts the images it segments."""
+
+    segmented = 0
+
+    def labels(self, images: torch.Tensor) -> torch.Tensor:
+        self.segmented += len(images)
+        return super().labels(images)
+
+
+def test_cache_segments_each_image_once_and_gives_the_masker_labels() -> None:
+    images = torch.stack([to_tensor(real_image("bottle", "train", index, size=64))[0] for index in range(3)])
+    masker = CountingMasker(n_superpixels=16)
+    cache = SuperpixelCache(masker)
+    first = cache(images[:2])
+    assert torch.equal(first, masker(images[:2]))
+    masker.segmented = 0
+    # A batch mixing seen and new images (a training epoch's reshuffle): only the new one is segmented.
+    mixed = cache(images[[2, 0, 1]])
+    assert masker.segmented == 1
+    assert torch.equal(mixed, masker(images[[2, 0, 1]]))
+    assert len(cache) == 3
+    # A changed pixel is a new image; so is the same image under other SLIC settings.
+    changed = images[:1].clone()
+    changed[0, :, 0, 0] = 1 - changed[0, :, 0, 0]
+    masker.segmented = 0
+    cache(changed)
+    masker.compactness = 20.0
+    cache(images[:1])
+    assert masker.segmented == 2
+
+
+def test_cache_keeps_no_more_than_its_byte_budget() -> None:
+    images = torch.rand(3, 3, 64, 64)
+    masker = CountingMasker(n_superpixels=16, slic_iterations=2)
+    cache = SuperpixelCache(masker, max_bytes=2 * 64 * 64)  # uint8 labels: room for two images
+    cache(images)
+    assert len(cache) == 2
+    masker.segmented = 0
+    labels = cache.labels(images)
+    assert masker.segmented == 1  # the image past the budget, every time
+    assert torch.equal(labels, masker.labels(images))
 
 
 def test_grid_never_exceeds_requested_count() -> None:

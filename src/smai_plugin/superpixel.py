@@ -12,6 +12,9 @@ segments, which export cannot trace. :class:`SuperpixelMasker` runs SLIC batched
 The output always has ``n_superpixels`` masks; masks past ``rows * cols`` (and any centre that
 lost all its pixels) are empty.
 
+SLIC of an image never changes, while training draws new holes in the same images every epoch:
+:class:`SuperpixelCache` keeps the labels of the images it has segmented, keyed by their content.
+
 Example:
     >>> import torch
     >>> masker = SuperpixelMasker(n_superpixels=77)
@@ -23,6 +26,7 @@ Example:
 
 """
 
+import hashlib
 import math
 
 import torch
@@ -189,3 +193,63 @@ class SuperpixelMasker(nn.Module):
         """
         labels = self.labels(images)
         return one_hot_labels(labels, self.n_superpixels, images.dtype).permute(0, 3, 1, 2)
+
+
+class SuperpixelCache:
+    """A :class:`SuperpixelMasker` that remembers the labels of the images it has segmented.
+
+    Training masks random superpixels of the same images every epoch, and SLIC is a large share
+    of a CPU training iteration (about half at 128x128, batch 8); the labels of an image depend
+    only on its pixels and the masker's settings, so they are kept, keyed by a hash of both.
+    Images seen for the first time (all of them, with random augmentations) are segmented as
+    before. Labels are kept on the CPU, as the smallest integer type that holds them, until
+    ``max_bytes`` are used; images past that are segmented every time.
+
+    Args:
+        masker (SuperpixelMasker): The masker whose labels are kept.
+        max_bytes (int): Most bytes of labels kept. Defaults to 256 MiB (4096 images of 256x256).
+
+    Example:
+        >>> cache = SuperpixelCache(SuperpixelMasker(n_superpixels=16, slic_iterations=5))
+        >>> images = torch.rand(2, 3, 64, 64)
+        >>> bool((cache(images) == cache.masker(images)).all()), len(cache)
+        (True, 2)
+
+    """
+
+    def __init__(self, masker: SuperpixelMasker, max_bytes: int = 256 * 2**20) -> None:
+        self.masker = masker
+        self.max_bytes = max_bytes
+        self._labels: dict[bytes, torch.Tensor] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        """Count the images whose labels are kept."""
+        return len(self._labels)
+
+    def _key(self, image: torch.Tensor) -> bytes:
+        settings = (self.masker.n_superpixels, self.masker.compactness, self.masker.slic_iterations, tuple(image.shape))
+        digest = hashlib.blake2b(repr(settings).encode(), digest_size=16)
+        digest.update(image.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+        return digest.digest()
+
+    def labels(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the masker's labels ``(B, H, W)`` of ``images`` ``(B, 3, H, W)``, segmenting only new images."""
+        keys = [self._key(image) for image in images]
+        new = [index for index, key in enumerate(keys) if key not in self._labels]
+        computed = dict(zip(new, self.masker.labels(images[new]), strict=True)) if new else {}
+        for index, labels in computed.items():
+            kept = labels.to("cpu", torch.uint8 if self.masker.n_superpixels <= 256 else torch.int32)
+            if self._bytes + kept.nbytes <= self.max_bytes:
+                self._labels[keys[index]] = kept
+                self._bytes += kept.nbytes
+        return torch.stack(
+            [
+                computed[index] if index in computed else self._labels[key].to(images.device, torch.long)
+                for index, key in enumerate(keys)
+            ]
+        )
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Masks ``(B, n_superpixels, H, W)``, as :meth:`SuperpixelMasker.forward` returns them."""
+        return one_hot_labels(self.labels(images), self.masker.n_superpixels, images.dtype).permute(0, 3, 1, 2)

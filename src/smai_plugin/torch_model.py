@@ -37,7 +37,7 @@ from .errors import SmaiInputError
 from .pennet import N_LEVELS, PenNetGenerator, to_signed
 from .schedule import ScoringMode, crop_passes
 from .similarity import ScoreMeasure
-from .superpixel import SuperpixelMasker
+from .superpixel import SuperpixelCache, SuperpixelMasker
 
 SIZE_MULTIPLE = 2**N_LEVELS
 
@@ -132,6 +132,7 @@ class SmaiModel(nn.Module):
         self.window_size = window_size
         self.scoring = parse_enum(ScoringMode, scoring, "scoring")
         self.masker = SuperpixelMasker(n_superpixels, compactness, slic_iterations)
+        self.training_superpixels = SuperpixelCache(self.masker)  # training sees the same images every epoch
         self.generator = PenNetGenerator(base_channels, local_attention)
         self.generator.set_query_budget(attention_budget)  # validates it
         self.attention_budget = attention_budget
@@ -272,7 +273,7 @@ class SmaiModel(nn.Module):
             tuple[torch.Tensor, torch.Tensor]: Images in ``[0, 1]`` and their hole masks.
 
         """
-        superpixels = self.masker(images)
+        superpixels = self.training_superpixels(images)
         if self.scoring != ScoringMode.WINDOWED:
             return images, random_superpixel_holes(superpixels, n_masked)
         crops, holes, _ = crop_passes(images, random_superpixels(superpixels, n_masked), self.window(images))
