@@ -3,16 +3,18 @@
 Exports SMAI with anomalib's OpenVINO export and runs every test image of a category through the
 torch model (``Smai.forward``: pre-processing, scoring, post-processing) and through anomalib's
 ``OpenVINOInferencer`` with ``INFERENCE_PRECISION_HINT: f32`` (the parity setting) and as an
-OpenVINO user calls it (``OpenVINOInferencer(path, device="CPU")``: bf16 on CPUs that have it). Per
-runtime it prints seconds per image at batch 1, images per second at batch 8, the peak resident
-memory of the process that ran it, and, with ``--ckpt`` (a trained checkpoint), image AUROC,
-pixel AUROC and PRO of the deployed outputs and the largest difference of their anomaly maps from
-torch's. ``--compression`` adds exports compressed by anomalib's export (``fp16`` weights, ``int8``
-weights; ``int8_ptq`` is refused by ``Smai.to_openvino``, with the numbers that made it so).
-``--patchcore`` fits anomalib's PatchCore (the benchmark's settings: offline EfficientNet-Lite0,
-1% coreset) on the same training images and adds its PyTorch row, on the same test images in
-the same run. Without ``--ckpt`` the model is untrained and calibrated on a few training images
-(weights do not change the cost), and only speed is printed.
+OpenVINO user calls it (``OpenVINOInferencer(path, device="CPU")``: bf16 on CPUs that have it), and
+the latter also for an export whose batch is fixed to one image (``onnx_kwargs`` with only height
+and width dynamic; run one image at a time). Per runtime it prints seconds per image at batch 1,
+images per second at batch 8, the peak resident memory of the process that ran it, and, with
+``--ckpt`` (a trained checkpoint), image AUROC, pixel AUROC and PRO of the deployed outputs and the
+largest difference of their anomaly maps from torch's. ``--compression`` adds exports compressed by
+anomalib's export (``fp16`` weights, ``int8`` weights; ``int8_ptq`` is refused by
+``Smai.to_openvino``, with the numbers that made it so). ``--patchcore`` fits anomalib's PatchCore
+(the benchmark's settings: offline EfficientNet-Lite0, 1% coreset) on the same training images and
+adds its PyTorch row, on the same test images in the same run. Without ``--ckpt`` the model is
+untrained and calibrated on a few training images (weights do not change the cost), and only speed
+is printed.
 
 Every runtime runs in a fresh process, so its peak memory (the process's resident set at its
 peak while the runtime is built, warmed up and run: Python, torch, anomalib and the runtime
@@ -53,6 +55,9 @@ from smai_plugin import Smai
 from smai_plugin.backbone import OFFLINE_BACKBONE
 from smai_plugin.export import cpu_has_bf16
 
+# Only the input's height and width stay dynamic: an export for one image at a time (README, "Deploy").
+BATCH_OF_ONE = {"input": {2: "height", 3: "width"}}
+
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N, 3, H, W) -> scores (N,), maps (N, H, W)
 
 
@@ -86,7 +91,9 @@ def seconds_per_call(predict: Predict, batches: list[np.ndarray]) -> float:
 def run_runtime(runtime: tuple[str, str, dict | None], singles: list[np.ndarray], eights: list[np.ndarray]) -> dict:
     """Build one runtime in this (fresh) process and time it; return timings, peak memory and outputs.
 
-    ``runtime`` is ``("torch", <pickled model file>, None)`` or ``("openvino", <xml>, <config>)``.
+    ``runtime`` is ``("torch", <pickled model file>, None)``, ``("openvino", <xml>, <config>)``
+    or ``("openvino-batch-1", <xml>, <config>)`` (an export whose batch is fixed to 1: no batch-8
+    timing, and its outputs are computed one image at a time).
     """
     kind, source, config = runtime
     with PeakMemory() as memory:
@@ -96,8 +103,12 @@ def run_runtime(runtime: tuple[str, str, dict | None], singles: list[np.ndarray]
             predict = openvino_predict(OpenVINOInferencer(source, device="CPU", config=config))
         predict(singles[0])  # warm-up: kernels are built on the first call
         result: dict[str, Any] = {"s/image (batch 1)": seconds_per_call(predict, singles)}
-        result["images/s (batch 8)"] = len(eights[0]) / seconds_per_call(predict, eights)
-        result["outputs"] = [predict(batch) for batch in eights]
+        if kind == "openvino-batch-1":
+            per_image = [[predict(image[None]) for image in batch] for batch in eights]
+            result["outputs"] = [tuple(map(np.concatenate, zip(*batch, strict=True))) for batch in per_image]
+        else:
+            result["images/s (batch 8)"] = len(eights[0]) / seconds_per_call(predict, eights)
+            result["outputs"] = [predict(batch) for batch in eights]
     result["peak MiB"] = memory.peak_rss_mib
     return result
 
@@ -183,6 +194,8 @@ def main() -> None:
             "SMAI OpenVINO f32 (parity)": ("openvino", str(xml), {"INFERENCE_PRECISION_HINT": "f32"}),
             "SMAI OpenVINO CPU default precision": ("openvino", str(xml), None),
         }
+        batch_one = model.to_openvino(work / "smai_batch_1", onnx_kwargs={"dynamic_axes": BATCH_OF_ONE})
+        runtimes["SMAI OpenVINO batch fixed to 1, CPU default precision"] = ("openvino-batch-1", str(batch_one), None)
         for kind in args.compression:  # int8_ptq/int8_acq calibrate on the datamodule (anomalib's choice of split)
             compressed = model.to_openvino(work / kind, compression_type=CompressionType(kind), datamodule=datamodule)
             runtimes[f"SMAI OpenVINO {kind}, CPU default precision"] = ("openvino", str(compressed), None)

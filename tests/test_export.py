@@ -67,6 +67,11 @@ def torch_reference(model: Smai, image: np.ndarray) -> dict[str, np.ndarray]:
     return {name: value.numpy() for name, value in result._asdict().items() if value is not None}
 
 
+def inferencer_outputs(prediction: object) -> dict[str, np.ndarray]:
+    """The outputs of an anomalib inferencer's prediction that :func:`assert_parity` compares."""
+    return {name: np.asarray(getattr(prediction, name)) for name in ("pred_score", "anomaly_map", "pred_label")}
+
+
 def assert_parity(outputs: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), expected["pred_score"].reshape(-1), atol=ATOL)
     np.testing.assert_allclose(outputs["anomaly_map"].squeeze(), expected["anomaly_map"].squeeze(), atol=ATOL)
@@ -134,14 +139,7 @@ def test_cli_export_openvino_and_inferencer_parity(trained, tmp_path: Path) -> N
     for path in paths:
         prediction = inferencer.predict(path)
         expected = torch_reference(model, read_image(path, as_tensor=False).astype(np.float32))
-        assert_parity(
-            {
-                "pred_score": prediction.pred_score,
-                "anomaly_map": prediction.anomaly_map,
-                "pred_label": prediction.pred_label,
-            },
-            expected,
-        )
+        assert_parity(inferencer_outputs(prediction), expected)
 
 
 PLAIN_INFERENCE = """
@@ -181,6 +179,26 @@ def test_plain_openvino_inferencer_matches_torch(trained, tmp_path: Path) -> Non
     score_tolerance, map_tolerance = (0.05, 1e-2) if bf16 else (ATOL, ATOL)
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), scores, atol=score_tolerance)
     assert np.abs(outputs["anomaly_map"] - maps).mean() < map_tolerance
+
+
+def test_openvino_export_with_the_batch_fixed_to_one(trained, tmp_path: Path) -> None:
+    """Only height and width dynamic (README, "Deploy": faster at batch 1): anomalib's outputs, torch's values."""
+    import openvino
+
+    model, engine, _ = trained
+    dynamic_axes = {"input": {2: "height", 3: "width"}}
+    xml = engine.export(
+        model=model, export_type=ExportType.OPENVINO, export_root=tmp_path, onnx_kwargs={"dynamic_axes": dynamic_axes}
+    )
+    exported = openvino.Core().read_model(xml)
+    shape = exported.inputs[0].get_partial_shape()
+    assert shape[0] == 1, shape
+    assert shape[2].is_dynamic, shape  # any image size, resized inside the graph
+    assert {output.any_name for output in exported.outputs} == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
+    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=F32)
+    for image in real_test_images():
+        prediction = inferencer.predict(image)
+        assert_parity(inferencer_outputs(prediction), torch_reference(model, image))
 
 
 @pytest.mark.parametrize("compression", ["fp16", "int8"])
