@@ -110,8 +110,15 @@ def test_torch_export_with_torch_inferencer(trained, tmp_path: Path, monkeypatch
     assert_parity(outputs, expected)
 
 
-def test_cli_export_openvino_and_inferencer_parity(trained, tmp_path: Path) -> None:
-    """`anomalib export` from a checkpoint, then anomalib's OpenVINOInferencer on real files."""
+def test_cli_export_openvino_with_the_batch_fixed_to_one_and_inferencer_parity(trained, tmp_path: Path) -> None:
+    """`anomalib export` from a checkpoint, then anomalib's OpenVINOInferencer on real files.
+
+    With README "Deploy"'s ``--onnx_kwargs`` (only height and width dynamic, faster at batch 1):
+    a batch of one and anomalib's four outputs. The default export's dynamic batch is checked by
+    the windowed export test below (a batch of images through ONNX Runtime).
+    """
+    import openvino
+
     model, _, checkpoint = trained
     args = [
         str(Path(sys.executable).parent / "anomalib"),
@@ -124,6 +131,8 @@ def test_cli_export_openvino_and_inferencer_parity(trained, tmp_path: Path) -> N
         str(checkpoint),
         "--export_root",
         str(tmp_path),
+        "--onnx_kwargs",
+        "{dynamic_axes: {input: {2: height, 3: width}}}",
     ]
     for key, value in EXPORTED_ARGS.items():
         args += [f"--model.{key}", str(list(value) if isinstance(value, tuple) else value)]
@@ -134,6 +143,11 @@ def test_cli_export_openvino_and_inferencer_parity(trained, tmp_path: Path) -> N
     assert result.returncode == 0, log[-4000:]
     assert "error" not in log.lower(), log[-4000:]
     xml = next(tmp_path.rglob("model.xml"))
+    exported = openvino.Core().read_model(xml)
+    shape = exported.inputs[0].get_partial_shape()
+    assert shape[0] == 1, shape
+    assert shape[2].is_dynamic, shape  # any image size, resized inside the graph
+    assert {output.any_name for output in exported.outputs} == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config=F32)
     paths = [*sorted((SHARED_DATA / "bottle" / "test" / "broken_large").glob("*.png"))[:2]]
     for path in paths:
@@ -179,26 +193,6 @@ def test_plain_openvino_inferencer_matches_torch(trained, tmp_path: Path) -> Non
     score_tolerance, map_tolerance = (0.05, 1e-2) if bf16 else (ATOL, ATOL)
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), scores, atol=score_tolerance)
     assert np.abs(outputs["anomaly_map"] - maps).mean() < map_tolerance
-
-
-def test_openvino_export_with_the_batch_fixed_to_one(trained, tmp_path: Path) -> None:
-    """Only height and width dynamic (README, "Deploy": faster at batch 1): anomalib's outputs, torch's values."""
-    import openvino
-
-    model, engine, _ = trained
-    dynamic_axes = {"input": {2: "height", 3: "width"}}
-    xml = engine.export(
-        model=model, export_type=ExportType.OPENVINO, export_root=tmp_path, onnx_kwargs={"dynamic_axes": dynamic_axes}
-    )
-    exported = openvino.Core().read_model(xml)
-    shape = exported.inputs[0].get_partial_shape()
-    assert shape[0] == 1, shape
-    assert shape[2].is_dynamic, shape  # any image size, resized inside the graph
-    assert {output.any_name for output in exported.outputs} == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
-    inferencer = OpenVINOInferencer(path=xml, device="CPU", config=F32)
-    for image in real_test_images():
-        prediction = inferencer.predict(image)
-        assert_parity(inferencer_outputs(prediction), torch_reference(model, image))
 
 
 @pytest.mark.parametrize("compression", ["fp16", "int8"])
@@ -256,7 +250,7 @@ def test_windowed_scoring_exports_to_onnx_and_openvino_at_parity(tmp_path: Path)
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config=F32)
     for image, reference in zip(images, expected, strict=True):
         prediction = inferencer.predict(torch.from_numpy(image).permute(2, 0, 1))
-        outputs = {name: getattr(prediction, name) for name in ("pred_score", "anomaly_map", "pred_label")}
+        outputs = inferencer_outputs(prediction)
         assert_parity(outputs, reference)
     # The crops carry signal: the maps are not flat.
     assert expected[0]["anomaly_map"].std() > 0
