@@ -1,10 +1,11 @@
 """SMAI's export rules on top of anomalib's, and the CPU fact its deployment depends on.
 
-anomalib's ``ExportMixin`` exports any model to Torch, ONNX and OpenVINO. SMAI adds three
+anomalib's ``ExportMixin`` exports any model to Torch, ONNX and OpenVINO. SMAI adds four
 rules: a calibrating model exports only with fitted, current normal statistics (they are
 constants of the graph); ONNX uses opset 18, the one torch's exporter writes (anomalib asks for
-14, which goes through ONNX's version converter); and ``int8_ptq`` is refused, because
-quantising the activations breaks the scoring.
+14, which goes through ONNX's version converter); the ONNX graph is written without
+onnxscript's optimiser (OpenVINO and ONNX Runtime optimise it when they load it); and
+``int8_ptq`` is refused, because quantising the activations breaks the scoring.
 
 OpenVINO's CPU plugin infers in bfloat16 by default on CPUs that have it
 (:func:`cpu_has_bf16`); SMAI's maps are computed so that this changes its detections by less
@@ -55,11 +56,14 @@ class SmaiExportMixin:
 
         The graph holds the whole pipeline: resize, superpixels, every inpainting pass, the
         scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
-        width stay dynamic (the pre-processor resizes to the model's size). Other arguments go
-        to :meth:`anomalib.models.AnomalibModule.to_onnx`.
+        width stay dynamic (the pre-processor resizes to the model's size). ``optimize``
+        defaults to ``False``: onnxscript's optimiser took a third of the export's time, and
+        OpenVINO and ONNX Runtime ran the unoptimised graph as fast (README, "Deploy"). Other
+        arguments go to :meth:`anomalib.models.AnomalibModule.to_onnx`.
         """
         self._check_calibrated()
         kwargs.setdefault("opset_version", ONNX_OPSET)
+        kwargs.setdefault("optimize", False)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     def to_openvino(self, *args, compression_type: CompressionType | str | None = None, **kwargs) -> Path:
