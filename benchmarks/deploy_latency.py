@@ -4,7 +4,7 @@ Exports SMAI with anomalib's OpenVINO export and runs every test image of a cate
 torch model (``Smai.forward``: pre-processing, scoring, post-processing) and through anomalib's
 ``OpenVINOInferencer`` with ``INFERENCE_PRECISION_HINT: f32`` (the parity setting) and as an
 OpenVINO user calls it (``OpenVINOInferencer(path, device="CPU")``: bf16 on CPUs that have it), and
-the latter also for an export whose batch is fixed to one image (``onnx_kwargs`` with only height
+both also for an export whose batch is fixed to one image (``onnx_kwargs`` with only height
 and width dynamic; run one image at a time). Per runtime it prints seconds per image at batch 1,
 images per second at batch 8, the peak resident memory of the process that ran it, and, with
 ``--ckpt`` (a trained checkpoint), image AUROC, pixel AUROC and PRO of the deployed outputs and the
@@ -57,6 +57,7 @@ from smai_plugin.export import cpu_has_bf16
 
 # Only the input's height and width stay dynamic: an export for one image at a time (README, "Deploy").
 BATCH_OF_ONE = {"input": {2: "height", 3: "width"}}
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO's parity setting
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N, 3, H, W) -> scores (N,), maps (N, H, W)
 
@@ -191,10 +192,11 @@ def main() -> None:
         xml = model.to_openvino(work / "smai")
         runtimes: dict[str, tuple[str, str, dict | None]] = {
             "SMAI PyTorch eager": ("torch", str(work / "smai.pt"), None),
-            "SMAI OpenVINO f32 (parity)": ("openvino", str(xml), {"INFERENCE_PRECISION_HINT": "f32"}),
+            "SMAI OpenVINO f32 (parity)": ("openvino", str(xml), F32),
             "SMAI OpenVINO CPU default precision": ("openvino", str(xml), None),
         }
         batch_one = model.to_openvino(work / "smai_batch_1", onnx_kwargs={"dynamic_axes": BATCH_OF_ONE})
+        runtimes["SMAI OpenVINO batch fixed to 1, f32"] = ("openvino-batch-1", str(batch_one), F32)
         runtimes["SMAI OpenVINO batch fixed to 1, CPU default precision"] = ("openvino-batch-1", str(batch_one), None)
         for kind in args.compression:  # int8_ptq/int8_acq calibrate on the datamodule (anomalib's choice of split)
             compressed = model.to_openvino(work / kind, compression_type=CompressionType(kind), datamodule=datamodule)
