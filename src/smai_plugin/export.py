@@ -57,7 +57,7 @@ class SmaiExportMixin:
         The graph holds the whole pipeline: resize, superpixels, every inpainting pass, the
         scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
         width stay dynamic (the pre-processor resizes to the model's size). ``optimize``
-        defaults to ``False``: onnxscript's optimiser took a third of the export's time, and
+        defaults to ``False``: onnxscript's optimiser took a third to half of the export's time, and
         OpenVINO and ONNX Runtime ran the unoptimised graph as fast (README, "Deploy"). Other
         arguments go to :meth:`anomalib.models.AnomalibModule.to_onnx`.
         """
