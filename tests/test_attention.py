@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from smai_plugin.attention import SOFTMAX_SCALE, AttentionTransfer, fold_patches, hole_at
+from smai_plugin.attention import SOFTMAX_SCALE, AttentionTransfer, hole_at, paste_patches
 
 
 def reference_atn(atn: AttentionTransfer, low: torch.Tensor, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,10 +45,13 @@ def test_batched_equals_per_sample(patch_size: int, fuse: bool) -> None:
 
 
 @pytest.mark.parametrize("size", [(2, 2), (10, 8), (32, 32)])
-def test_fold_patches_adds_up_patches_like_torch_fold(size: tuple[int, int]) -> None:
-    patches = torch.randn(3, 5 * 16, (size[0] // 2) * (size[1] // 2))
-    expected = F.fold(patches, size, 4, stride=2, padding=1)
-    torch.testing.assert_close(fold_patches(patches, size), expected, rtol=0, atol=1e-6)
+def test_paste_patches_equals_folding_the_mixed_patches(size: tuple[int, int]) -> None:
+    low = torch.randn(3, 5, *size)
+    positions = (size[0] // 2) * (size[1] // 2)
+    weights = torch.softmax(torch.randn(3, positions, positions) * 3, dim=2)  # attention rows
+    patches = F.unfold(low, 4, stride=2, padding=1)  # PEN-Net's paste, spelled out
+    expected = F.fold(patches @ weights.transpose(1, 2), size, 4, stride=2, padding=1) / 4
+    torch.testing.assert_close(paste_patches(low, weights), expected, rtol=0, atol=1e-5)
 
 
 def test_hole_keys_get_no_attention_and_full_hole_stays_finite() -> None:

@@ -8,12 +8,13 @@ regions:
 2. scores: query-key dot products (a correlation of ``high`` with every key);
 3. only keys whose patch holds no hole are valid; softmax with scale 10 over the valid keys;
 4. paste: the output at each query is the attention-weighted sum of the ``4 x 4`` patches of
-   ``low`` cut with stride 2 (a transposed convolution with the patches as kernels), over 4;
+   ``low`` cut with stride 2 (a transposed convolution with the patches as kernels), over 4
+   (:func:`paste_patches`);
 5. optional fusion: four dilated 3x3 convolutions (dilation 1, 2, 4, 8) concatenated.
 
 The public PEN-Net code loops over the batch with per-sample convolution kernels; here every
-step is an ``unfold`` / batched ``matmul`` / fold (:func:`fold_patches`) so the whole batch runs
-at once and exports to ONNX and OpenVINO.
+step is batched tensor algebra (``unfold``, ``matmul``, pads) so the whole batch runs at once
+and exports to ONNX and OpenVINO.
 
 Local mode (``local=True``, SMAI's fast option): only queries whose patch overlaps the hole
 attend; every other query pastes its own patch, which gives ``low`` back there. Full attention
@@ -34,7 +35,6 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 SOFTMAX_SCALE = 10.0
-PASTE_KERNEL = 4
 PASTE_STRIDE = 2
 
 
@@ -52,44 +52,52 @@ def hole_at(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_max_pool2d(mask, size)
 
 
-def fold_patches(patches: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Add up ``4 x 4`` patches placed with stride 2: ``F.fold(patches, size, 4, stride=2, padding=1)``.
+def paste_patches(low: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Paste attention-weighted ``4 x 4`` patches of ``low``: PEN-Net's paste, without the patches.
 
-    The patch at position ``(m, n)`` puts tap ``(ky, kx)`` on output pixel
-    ``(2m - 1 + ky, 2n - 1 + kx)``. Writing ``ky = 2a + ry`` (and ``kx = 2b + rx``), the taps of one
-    ``(a, b)`` quarter, interleaved like a pixel shuffle (tap ``(ry, rx)`` of position ``(m, n)`` on
-    pixel ``(2m + ry, 2n + rx)``), form a full-resolution image that lands on the output shifted
-    by ``2a - 1`` rows and ``2b - 1`` columns: the fold is four shifted slices of one padded
-    tensor. The same values as ``F.fold``, without the ``Col2Im`` it exports to (in the CPU
-    preset's exported graph ``Col2Im`` took 30 of 124 ms in OpenVINO), and few enough nodes that
-    ONNX export and its graph optimiser stay fast.
+    PEN-Net cuts the ``4 x 4`` patches of ``low`` with stride 2 at every key position, mixes them
+    with the weights of each query position and adds the mixed patches up where the queries sit
+    (``F.fold(F.unfold(low, 4, stride=2, padding=1) @ weights.T, ...)``, a transposed
+    convolution). Split into its four stride-2 phases (``pixel_unshuffle``), the padded ``low``
+    becomes ``4C`` channels on an ``(h + 1) x (w + 1)`` grid, and a patch is four positions of
+    it: its key's position shifted by ``(a, b)``, ``a, b in {0, 1}``; the mixed patch lands on its
+    query's position shifted the same way. So the four shifts can move onto the weights: the
+    weights summed over the four diagonal shifts, multiplied with the phases, give the output's
+    phases. The same sums in another order, with about a third of the patches' multiply-adds and
+    no patch tensors to cut, transpose and fold (README, "Deploy": the deployed CPU preset runs
+    faster in OpenVINO, and trains faster).
 
     Args:
-        patches (torch.Tensor): ``(B, C * 16, h * w)``, the ``4 x 4`` patches of ``C`` channels
-            at ``h x w`` positions (the layout of ``F.unfold``).
-        size (tuple[int, int]): Output ``(2h, 2w)``.
+        low (torch.Tensor): Feature map ``(B, C, 2h, 2w)``.
+        weights (torch.Tensor): ``(B, h*w queries, h*w keys)``, positions of the ``h x w`` grid.
 
     Returns:
-        torch.Tensor: ``(B, C, 2h, 2w)``.
+        torch.Tensor: ``(B, C, 2h, 2w)``, the pasted patches over 4.
 
     Example:
-        >>> patches = torch.randn(2, 3 * 16, 5 * 4)
-        >>> folded = F.fold(patches, (10, 8), 4, stride=2, padding=1)
-        >>> torch.allclose(fold_patches(patches, (10, 8)), folded)
+        >>> low, weights = torch.randn(2, 3, 8, 6), torch.rand(2, 12, 12)
+        >>> patches = F.unfold(low, 4, stride=2, padding=1)
+        >>> pasted = F.fold(patches @ weights.transpose(1, 2), (8, 6), 4, stride=2, padding=1) / 4
+        >>> torch.allclose(paste_patches(low, weights), pasted, atol=1e-6)
         True
 
     """
-    batch = patches.shape[0]
-    height, width = size[0] // PASTE_STRIDE, size[1] // PASTE_STRIDE
-    taps = patches.reshape(batch, -1, 2, 2, 2, 2, height, width)  # (B, C, a, ry, b, rx, h, w)
-    quarters = taps.permute(0, 1, 2, 4, 6, 3, 7, 5).reshape(batch, -1, 2, 2, *size)  # (B, C, a, b, 2h, 2w)
-    padded = F.pad(quarters, (1, 1, 1, 1))
-    shifted = [
-        padded[:, :, a, b, 2 - 2 * a : 2 - 2 * a + size[0], 2 - 2 * b : 2 - 2 * b + size[1]]
-        for a in (0, 1)
-        for b in (0, 1)
-    ]
-    return sum(shifted[1:], shifted[0])
+    batch, _, height, width = low.shape
+    rows, cols = height // PASTE_STRIDE, width // PASTE_STRIDE  # the weights' grid
+    size = (rows + 1) * (cols + 1)  # the phases' grid
+    phases = F.pixel_unshuffle(F.pad(low, (1, 1, 1, 1)), PASTE_STRIDE).flatten(2)  # (B, 4C, size)
+    # The weights on the phases' grid without its last row: a zero after each row of keys and of
+    # queries. There a shift by (a, b) adds a * (cols + 1) + b to a flat position, so each shifted
+    # copy is one pad of long rows (OpenVINO pads short rows slowly).
+    wide = F.pad(weights.reshape(batch, rows * cols * rows, cols), (0, 1))
+    wide = F.pad(wide.reshape(batch * rows, cols, -1), (0, 0, 0, 1)).reshape(batch, rows * (cols + 1), -1)
+    shifted = []
+    for shift in (0, 1, cols + 1, cols + 2):
+        kept = min(wide.shape[-1], size - shift)  # shift (1, 1) pushes the last zero past the grid
+        shifted.append(F.pad(wide[:, :kept, :kept], (shift, size - shift - kept) * 2))
+    spread = sum(shifted[1:], shifted[0])
+    pasted = (phases @ spread.transpose(1, 2)).reshape(batch, -1, rows + 1, cols + 1)
+    return F.pixel_shuffle(pasted, PASTE_STRIDE)[:, :, 1 : height + 1, 1 : width + 1] / 4.0
 
 
 class AttentionTransfer(nn.Module):
@@ -143,11 +151,12 @@ class AttentionTransfer(nn.Module):
             torch.Tensor: Attention weights ``(B, Q, h*w keys)``.
 
         """
-        patches = F.unfold(high, self.patch_size, padding=self.patch_size // 2).transpose(1, 2)  # (B, L, C*k*k)
-        keys = patches / patches.norm(dim=2, keepdim=True).clamp(min=1e-4)
+        patches = F.unfold(high, self.patch_size, padding=self.patch_size // 2)  # (B, C*k*k, L)
+        keys = patches / patches.norm(dim=1, keepdim=True).clamp(min=1e-4)
         if queries is not None:
-            patches = patches.gather(1, queries[..., None].expand(-1, -1, patches.shape[2]))
-        scores = patches @ keys.transpose(1, 2)  # (B, Q, L keys)
+            patches = patches.gather(2, queries[:, None, :].expand(-1, patches.shape[1], -1))
+        # Patches stay (B, C*k*k, L): the one transpose is the product's own (OpenVINO fuses it).
+        scores = patches.transpose(1, 2) @ keys  # (B, Q, L keys)
         # A key is valid when its k x k patch on the resized mask holds no hole.
         invalid = self.near_hole(mask, high.shape[-2:], self.patch_size)[:, None, :]
         # A large finite negative (not -inf) keeps a map without any valid key free of NaN.
@@ -172,36 +181,31 @@ class AttentionTransfer(nn.Module):
             torch.Tensor: ``(B, C, 2h, 2w)``, replacing ``low`` everywhere.
 
         """
-        # One 4x4 patch of `low` per key position (stride 2, so positions match `high`).
-        low_patches = F.unfold(low, PASTE_KERNEL, stride=PASTE_STRIDE, padding=1)  # (B, C*16, L)
-        if not self.local:
-            pasted = low_patches @ self.attention(high, mask).transpose(1, 2)
-        else:
-            pasted = self._paste_near_hole(low_patches, high, mask)
-        output = fold_patches(pasted, low.shape[-2:]) / 4.0
+        weights = self._local_weights(high, mask) if self.local else self.attention(high, mask)
+        output = paste_patches(low, weights)
         if self.fusion is None:
             return output
         return torch.cat([branch(output) for branch in self.fusion], dim=1)
 
-    def _paste_near_hole(self, low_patches: torch.Tensor, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Local mode: queries near the hole attend; every other query keeps its own patch.
+    def _local_weights(self, high: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Local mode's weights ``(B, h*w, h*w)``: queries near the hole attend, every other query keeps its own patch.
 
         Pasting its own patch is what a query far from the hole nearly does in full attention
-        (it matches itself best), and folding own patches gives ``low`` back. With
+        (it matches itself best), and pasting own patches gives ``low`` back. With
         ``query_budget < 1`` only that share of positions is computed (the near-hole ones
-        first), which makes the cost follow the hole's size; near-hole queries beyond the
-        budget keep their own patch too.
+        first), which makes the attention's cost follow the hole's size; near-hole queries
+        beyond the budget keep their own patch too.
         """
-        n_positions = low_patches.shape[2]
+        n_positions = high.shape[-2] * high.shape[-1]
         near = self.near_hole(mask, high.shape[-2:], 3)  # (B, L); 3x3 reaches every paste footprint on the hole
+        own = torch.eye(n_positions, device=high.device, dtype=high.dtype).expand(high.shape[0], -1, -1)
         n_queries = min(n_positions, max(1, math.ceil(self.query_budget * n_positions)))
         if n_queries == n_positions:
-            attended = low_patches @ self.attention(high, mask).transpose(1, 2)
-            return torch.where(near[:, None, :], attended, low_patches)
+            return torch.where(near[..., None], self.attention(high, mask), own)
         # Near-hole positions first, then by position: no ties, so every backend picks the same.
         priority = near.to(high.dtype) * n_positions - torch.arange(n_positions, device=high.device, dtype=high.dtype)
         queries = priority.topk(n_queries, dim=1).indices  # (B, Q)
-        index = queries[:, None, :].expand(-1, low_patches.shape[1], -1)
-        attended = low_patches @ self.attention(high, mask, queries).transpose(1, 2)  # (B, C*16, Q)
-        kept = torch.where(near.gather(1, queries)[:, None, :], attended, low_patches.gather(2, index))
-        return low_patches.scatter(2, index, kept)
+        rows = queries[..., None].expand(-1, -1, n_positions)
+        attention = self.attention(high, mask, queries)  # (B, Q, L)
+        attended = torch.where(near.gather(1, queries)[..., None], attention, own.gather(1, rows))
+        return own.scatter(1, rows, attended)
