@@ -19,8 +19,9 @@ and exports to ONNX and OpenVINO.
 Local mode (``local=True``, SMAI's fast option): only queries whose patch overlaps the hole
 attend; every other query pastes its own patch, which gives ``low`` back there. Full attention
 nearly does the same far from the hole (a valid query matches itself best), but local mode
-makes the cost follow the hole: with ``query_budget`` below 1, only that share of query
-positions (the near-hole ones first) is computed, a fixed number, so it still exports.
+makes the attention's cost follow the hole: with ``query_budget`` below 1, only that share of
+query positions (the near-hole ones first) is computed, a fixed number, so it still exports
+(the paste, :func:`paste_patches`, stays dense).
 Training uses the same rule, computed densely, so training and inference agree.
 
 One knowing change from the public code: invalid keys get a large negative score before the
