@@ -57,6 +57,17 @@ def test_cpu_preset_takes_smai_preset_and_overrides() -> None:
     assert config["model_configs"]["patchcore"]["init_args"]["coreset_sampling_ratio"] == 0.01
 
 
+def test_cpu_benchmark_trains_smai_with_its_preset_batch() -> None:
+    """The harness has one training batch size for all models: the CPU one must be the SMAI preset's.
+
+    SMAI's iterations count batches, so another batch size would train another model than the
+    preset (and take another time); PatchCore and PaDiM do not depend on it.
+    """
+    preset_data = yaml.safe_load((REPO / "configs" / "smai_cpu.yaml").read_text())["data"]["init_args"]
+    config = load_config(REPO / "configs" / "benchmark_cpu.yaml")
+    assert config["train_batch_size"] == preset_data["train_batch_size"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
