@@ -7,8 +7,8 @@ images) and prints image AUROC, pixel AUROC, PRO, seconds per iteration and test
 image. A stage predicted to end after ``--budget`` seconds is skipped, so the script fits a
 time slot. Uses the GPU where there is one; a stage that resumes mid-epoch draws a new shuffle
 (Lightning warns that the loader is not resumable), so the images come in another order than in
-one uninterrupted run. Example
-(the README's GPU numbers, on one H200, where the budget left out 6000 and 12000)::
+one uninterrupted run. Example (the README's GPU numbers, on one H200, where the budget left out
+6000 and 12000)::
 
     python benchmarks/training_curve.py --config configs/smai_cpu.yaml --root ../shared/data \\
         --steps 1000 2500 6000 12000 --workers 8 --budget 320
@@ -78,6 +78,7 @@ def main() -> None:
     )
     header = ["iterations", "image AUROC", "pixel AUROC", "PRO", "train s/iteration", "test s/image"]
     rows: list[list] = []
+    options = {"accelerator": "auto", "devices": 1, "logger": False, "enable_progress_bar": False}
     checkpoint, done, seconds_per_step, test_seconds = None, 0, None, 0.0
     with tempfile.TemporaryDirectory() as work:
         for steps in sorted(set(args.steps)):
@@ -87,7 +88,6 @@ def main() -> None:
                     print(f"Skipping {steps} iterations and beyond: predicted to end at {predicted_end:.0f} s.")
                     break
             model = Smai(**(init_args | {"max_steps": steps}))
-            options = {"accelerator": "auto", "devices": 1, "logger": False, "enable_progress_bar": False}
             engine = Engine(default_root_dir=work, limit_val_batches=0, **options)
             fit_start = time.perf_counter()
             engine.fit(model=model, datamodule=datamodule, ckpt_path=checkpoint)
