@@ -25,7 +25,15 @@ from smai_plugin.benchmark.memory import PeakMemory
 from smai_plugin.benchmark.report import format_cell, markdown_table
 from smai_plugin.benchmark.runner import evaluator
 
-__all__ = ["PeakMemory", "format_cell", "load_for_scoring", "markdown_table", "model_init_args", "script_parser"]
+__all__ = [
+    "PeakMemory",
+    "data_init_args",
+    "format_cell",
+    "load_for_scoring",
+    "markdown_table",
+    "model_init_args",
+    "script_parser",
+]
 
 
 def script_parser(description: str, config_help: str = "anomalib CLI config of SMAI") -> argparse.ArgumentParser:
@@ -46,6 +54,11 @@ def model_init_args(config: Path | str, **overrides: Any) -> dict[str, Any]:
     init_args = dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"])
     init_args.pop("evaluator", None)
     return {**init_args, **overrides}
+
+
+def data_init_args(config: Path | str) -> dict[str, Any]:
+    """The config's ``data.init_args`` (batch sizes, workers), for scripts that build their own datamodule."""
+    return dict(yaml.safe_load(Path(config).read_text())["data"]["init_args"])
 
 
 def load_for_scoring(checkpoint: Path, **settings: Any) -> Smai:

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.metrics.threshold.f1_adaptive_threshold import _F1AdaptiveThreshold
-from common import load_for_scoring, markdown_table, model_init_args, script_parser
+from common import data_init_args, load_for_scoring, markdown_table, model_init_args, script_parser
 from lightning import Callback, seed_everything
 
 from smai_plugin import Smai
@@ -147,8 +146,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("results/quality_ablation"))
     args = parser.parse_args()
 
-    config = yaml.safe_load(args.config.read_text())
-    data_args = config["data"]["init_args"]
+    data_args = data_init_args(args.config)
     datamodule = MVTecAD(
         root=args.root,
         category=args.category,
@@ -171,7 +169,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    steps = config["model"]["init_args"]["max_steps"]
+    steps = model_init_args(args.config)["max_steps"]
     summary = {"category": args.category, "config": str(args.config), "train_seconds": train_seconds, "rows": rows}
     (args.output / "ablation.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{args.category}; training (s): {train_seconds}; preset {steps} iterations, short {args.short_steps}")

@@ -19,10 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from common import format_cell, markdown_table, model_init_args, script_parser
+from common import data_init_args, format_cell, markdown_table, model_init_args, script_parser
 from lightning import seed_everything
 from torch.utils.data import DataLoader
 
@@ -67,7 +66,7 @@ def main() -> None:
 
     seed_everything(args.seed)
     init_args = model_init_args(args.config, evaluator=evaluator(), post_processor=False, visualizer=False)
-    data_args = yaml.safe_load(args.config.read_text())["data"]["init_args"]
+    data_args = data_init_args(args.config)
     datamodule = PersistentWorkersMVTecAD(
         root=args.root,
         category=args.category,
