@@ -49,16 +49,21 @@ def script_parser(description: str, config_help: str = "anomalib CLI config of S
     return parser
 
 
+def _init_args(config: Path | str, section: str) -> dict[str, Any]:
+    """A copy of the config's ``<section>.init_args``."""
+    return dict(yaml.safe_load(Path(config).read_text())[section]["init_args"])
+
+
 def model_init_args(config: Path | str, **overrides: Any) -> dict[str, Any]:
     """The config's ``model.init_args`` without ``evaluator``, updated with ``overrides``."""
-    init_args = dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"])
+    init_args = _init_args(config, "model")
     init_args.pop("evaluator", None)
     return {**init_args, **overrides}
 
 
 def data_init_args(config: Path | str) -> dict[str, Any]:
     """The config's ``data.init_args`` (batch sizes, workers), for scripts that build their own datamodule."""
-    return dict(yaml.safe_load(Path(config).read_text())["data"]["init_args"])
+    return _init_args(config, "data")
 
 
 def load_for_scoring(checkpoint: Path, **settings: Any) -> Smai:
