@@ -81,6 +81,27 @@ def assert_parity(outputs: dict[str, np.ndarray], expected: dict[str, np.ndarray
     assert np.array_equal(np.asarray(outputs["pred_label"]).reshape(-1), expected["pred_label"].reshape(-1))
 
 
+def onnx_runtime_outputs_at_parity(path: Path, model: Smai) -> dict[str, np.ndarray]:
+    """Run the real test images through the ONNX file as one batch, check each against torch, return the outputs."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    batch = np.stack([image.transpose(2, 0, 1) for image in real_test_images()])
+    outputs = dict(zip(names, session.run(None, {"input": batch}), strict=True))
+    for index, image in enumerate(real_test_images()):
+        assert_parity(
+            {name: value[index : index + 1] for name, value in outputs.items()}, torch_reference(model, image)
+        )
+    return outputs
+
+
+def assert_openvino_parity(path: Path, model: Smai) -> None:
+    """anomalib's OpenVINOInferencer in f32 on the file (IR or ONNX) equals torch on each real test image."""
+    inferencer = OpenVINOInferencer(path=path, device="CPU", config=F32)
+    for image in real_test_images():
+        prediction = inferencer.predict(torch.from_numpy(image).permute(2, 0, 1))
+        assert_parity(inferencer_outputs(prediction), torch_reference(model, image))
+
+
 def test_onnx_export_matches_torch_on_real_images_of_another_size(trained, tmp_path: Path) -> None:
     model, engine, _ = trained
     assert model.model.normal_statistics.is_fitted
@@ -92,11 +113,7 @@ def test_onnx_export_matches_torch_on_real_images_of_another_size(trained, tmp_p
     import onnx
 
     assert max(op.version for op in onnx.load(str(path)).opset_import if op.domain in ("", "ai.onnx")) == 18
-    batch = np.stack([image.transpose(2, 0, 1) for image in real_test_images()])
-    outputs = dict(zip(names, session.run(None, {"input": batch}), strict=True))
-    for index, image in enumerate(real_test_images()):
-        expected = torch_reference(model, image)
-        assert_parity({name: value[index : index + 1] for name, value in outputs.items()}, expected)
+    outputs = onnx_runtime_outputs_at_parity(path, model)
     assert outputs["anomaly_map"].shape[-2:] == (128, 128)  # the trained size, whatever the input's
     assert outputs["anomaly_map"].std() > 0  # the crops carry signal: the maps are not flat
 
@@ -182,10 +199,7 @@ def test_plain_openvino_inferencer_matches_torch(trained, tmp_path: Path) -> Non
     """
     model, engine, _ = trained
     xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path)
-    f32 = OpenVINOInferencer(path=xml, device="CPU", config=F32)
-    for image in real_test_images():
-        prediction = f32.predict(torch.from_numpy(image).permute(2, 0, 1))
-        assert_parity(inferencer_outputs(prediction), torch_reference(model, image))
+    assert_openvino_parity(xml, model)
 
     images = np.stack(real_test_images())
     np.save(tmp_path / "images.npy", images)
@@ -248,19 +262,7 @@ def test_paper_scoring_exports_at_parity(tiny_root: Path, tmp_path: Path) -> Non
     datamodule = MVTecAD(root=tiny_root, category="hazelnut_toy", train_batch_size=4, eval_batch_size=5, num_workers=0)
     engine.fit(model=model, datamodule=datamodule)
     model.eval()
-    images = real_test_images()
-    expected = [torch_reference(model, image) for image in images]
-    assert expected[0]["anomaly_map"].std() > 0
-
     path = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path / "onnx")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    outputs = dict(
-        zip(names, session.run(None, {"input": np.stack([i.transpose(2, 0, 1) for i in images])}), strict=True)
-    )
-    for index, reference in enumerate(expected):
-        assert_parity({name: value[index : index + 1] for name, value in outputs.items()}, reference)
-
-    inferencer = OpenVINOInferencer(path=path, device="CPU", config=F32)
-    for image, reference in zip(images, expected, strict=True):
-        assert_parity(inferencer_outputs(inferencer.predict(torch.from_numpy(image).permute(2, 0, 1))), reference)
+    outputs = onnx_runtime_outputs_at_parity(path, model)
+    assert outputs["anomaly_map"].std() > 0
+    assert_openvino_parity(path, model)
