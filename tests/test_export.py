@@ -246,8 +246,9 @@ def test_int8_post_training_quantisation_is_refused(trained, tmp_path: Path) -> 
     assert not list(tmp_path.rglob("*.xml"))
 
 
-def test_paper_scoring_exports_at_parity(tiny_root: Path, tmp_path: Path) -> None:
-    """The paper's whole-image schedule (leave-one-out, SSIM per pass, no calibration) exports too.
+@pytest.mark.parametrize("scoring", ["leave_one_out", "grouped"])
+def test_whole_image_scoring_exports_at_parity(tiny_root: Path, tmp_path: Path, scoring: str) -> None:
+    """The whole-image schedules export too, with the paper's measure (SSIM per pass, no calibration).
 
     ONNX Runtime on a batch, and OpenVINO (f32) reading the same ONNX file, as anomalib's
     OpenVINO export converts it.
@@ -255,9 +256,7 @@ def test_paper_scoring_exports_at_parity(tiny_root: Path, tmp_path: Path) -> Non
     from anomalib.data import MVTecAD
 
     torch.manual_seed(0)
-    model = Smai(
-        **TINY_MODEL_ARGS, scoring="leave_one_out", score_measure="ssim", comparison="per_pass", calibration="none"
-    )
+    model = Smai(**TINY_MODEL_ARGS, scoring=scoring, score_measure="ssim", comparison="per_pass", calibration="none")
     engine = Engine(default_root_dir=tmp_path / "work", accelerator="cpu", devices=1)
     datamodule = MVTecAD(root=tiny_root, category="hazelnut_toy", train_batch_size=4, eval_batch_size=5, num_workers=0)
     engine.fit(model=model, datamodule=datamodule)
