@@ -55,7 +55,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Smai, Engine, Pat
     return model.eval(), engine, Path(engine.trainer.checkpoint_callback.best_model_path)
 
 
-def real_test_images(size: int | None = None) -> list[np.ndarray]:
+def real_test_images() -> list[np.ndarray]:
     """Real defective and good bottle images in [0, 1], HWC float32 (256x256: not the trained 128x128)."""
     paths = [
         *sorted((SHARED_DATA / "bottle" / "test" / "broken_large").glob("*.png"))[:2],
@@ -85,9 +85,10 @@ def onnx_runtime_outputs_at_parity(path: Path, model: Smai) -> dict[str, np.ndar
     """Run the real test images through the ONNX file as one batch, check each against torch, return the outputs."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    batch = np.stack([image.transpose(2, 0, 1) for image in real_test_images()])
+    images = real_test_images()
+    batch = np.stack([image.transpose(2, 0, 1) for image in images])
     outputs = dict(zip(names, session.run(None, {"input": batch}), strict=True))
-    for index, image in enumerate(real_test_images()):
+    for index, image in enumerate(images):
         assert_parity(
             {name: value[index : index + 1] for name, value in outputs.items()}, torch_reference(model, image)
         )
