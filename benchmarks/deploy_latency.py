@@ -205,7 +205,7 @@ def main() -> None:
     if model.needs_calibration:  # an export needs statistics; here from training images
         train = sorted((args.root / args.category / "train").rglob("*.png"))[: None if args.ckpt else 4]
         batches = torch.stack([read_image(path, as_tensor=True) for path in train]).split(8)
-        model.model.calibrate(model.pre_processor(batch) for batch in batches)
+        model.model.calibrate([model.pre_processor(batch) for batch in batches])
     test = list(datamodule.test_dataloader())
     images = torch.cat([batch.image for batch in test])[: args.images or (None if args.ckpt else 8)]
     labels = torch.cat([batch.gt_label for batch in test])[: len(images)]

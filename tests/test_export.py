@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 ATOL = 1e-4
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 # Windowed passes (crops gathered around each superpixel, scattered back) with local attention,
-# and calibrated msgms and feature maps of the reconstruction: the normal statistics and the
-# feature backbone go into the exported graph.
+# and calibrated msgms and feature maps of the reconstruction beside the memory's map: the normal
+# statistics, the feature backbone and the memory of normal features go into the exported graph.
 EXPORTED_ARGS = {
     **TINY_MODEL_ARGS,
     "image_size": (128, 128),
@@ -34,7 +34,7 @@ EXPORTED_ARGS = {
     "window_size": 64,
     "local_attention": True,
     "attention_budget": 0.5,
-    "score_measure": ["msgms", "features"],
+    "score_measure": ["msgms", "features", "memory"],
     "comparison": "reconstruction",
     "calibration": "score",
 }

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smai_plugin.backbone import _lite0_state_dict
-from smai_plugin.similarity import GMS_CONSTANT, Dissimilarity, FeatureDistance, msgms_distance, parse_measures
+from smai_plugin.similarity import GMS_CONSTANT, Dissimilarity, PretrainedFeatures, msgms_distance, parse_measures
 
 from .conftest import real_image
 
@@ -56,14 +56,14 @@ def test_every_measure_is_zero_for_identical_images_and_grows_with_a_defect() ->
     assert (inside > 5 * outside).all(), (inside, outside)
 
 
-def test_feature_distance_keeps_its_backbone_out_of_checkpoints_and_frozen() -> None:
-    distance = FeatureDistance()
-    assert not any(key.startswith("backbone") for key in distance.state_dict())
-    assert all(not parameter.requires_grad for parameter in distance.parameters())
-    distance.train()
-    assert not distance.backbone.training  # batch-norm statistics stay the pretrained ones
-    fresh = FeatureDistance()
-    assert not fresh.load_state_dict(distance.state_dict()).missing_keys
+def test_pretrained_features_keep_their_backbone_out_of_checkpoints_and_frozen() -> None:
+    features = PretrainedFeatures()
+    assert not any(key.startswith("backbone") for key in features.state_dict())
+    assert all(not parameter.requires_grad for parameter in features.parameters())
+    features.train()
+    assert not features.backbone.training  # batch-norm statistics stay the pretrained ones
+    fresh = PretrainedFeatures()
+    assert not fresh.load_state_dict(features.state_dict()).missing_keys
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -73,7 +73,7 @@ def test_loading_the_pretrained_backbone_leaves_the_random_state_alone(cached: b
     if not cached:
         _lite0_state_dict.cache_clear()
     state = torch.get_rng_state()
-    FeatureDistance()
+    PretrainedFeatures()
     assert torch.equal(torch.get_rng_state(), state)
 
 

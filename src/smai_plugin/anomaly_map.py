@@ -75,11 +75,13 @@ class AnomalyMapGenerator(nn.Module):
         score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): One measure or a
             list (see :class:`~smai_plugin.similarity.ScoreMeasure`). Defaults to ``"ssim"``.
         comparison (Comparison | str): ``"per_pass"`` or ``"reconstruction"``; ``features``
-            needs ``"reconstruction"``. Defaults to ``"per_pass"``.
+            and ``memory`` need ``"reconstruction"``. Defaults to ``"per_pass"``.
         passes_per_batch (int): Most passes per image in one generator call (the call inpaints
             ``B * passes_per_batch`` images); bounds memory. Defaults to ``16``.
         sigma (float): Standard deviation of the Gaussian smoothing of the maps; ``0`` turns
             smoothing off. Defaults to ``4.0``.
+        memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
+            level (see :mod:`smai_plugin.memory`). Defaults to ``4096``.
 
     """
 
@@ -89,12 +91,14 @@ class AnomalyMapGenerator(nn.Module):
         comparison: Comparison | str = Comparison.PER_PASS,
         passes_per_batch: int = 16,
         sigma: float = 4.0,
+        memory_size: int = 4096,
     ) -> None:
         super().__init__()
         self.comparison = parse_enum(Comparison, comparison, "comparison")
-        self.dissimilarity = Dissimilarity(score_measure)
-        if self.comparison == Comparison.PER_PASS and ScoreMeasure.FEATURES in self.dissimilarity.measures:
-            msg = "score_measure 'features' compares whole images: use it with comparison='reconstruction'."
+        self.dissimilarity = Dissimilarity(score_measure, memory_size)
+        whole_image = [m.value for m in self.measures if m in (ScoreMeasure.FEATURES, ScoreMeasure.MEMORY)]
+        if self.comparison == Comparison.PER_PASS and whole_image:
+            msg = f"score_measure {whole_image} compares whole images: use it with comparison='reconstruction'."
             raise SmaiInputError(msg)
         check_int(passes_per_batch, "passes_per_batch")
         if sigma < 0:
@@ -114,6 +118,7 @@ class AnomalyMapGenerator(nn.Module):
         images: torch.Tensor,
         holes: torch.Tensor,
         window: tuple[int, int] | None = None,
+        leave_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Inpaint every pass and compare the inpaintings with the images.
 
@@ -124,6 +129,9 @@ class AnomalyMapGenerator(nn.Module):
                 the map comes from the passes whose hole covers it.
             window (tuple[int, int] | None): Crop ``(h, w)`` around its hole that each pass
                 inpaints, at most ``(H, W)``; ``None`` inpaints the whole image. Defaults to ``None``.
+            leave_out (torch.Tensor | None): For the images the feature memory was fitted on,
+                their numbers in that fit, ``(B,)``: the ``memory`` measure leaves each image's
+                own features out. Defaults to ``None``.
 
         Returns:
             torch.Tensor: Smoothed difference maps ``(B, M, H, W)``, one channel per measure.
@@ -155,7 +163,7 @@ class AnomalyMapGenerator(nn.Module):
         inpainted, covered = total[:, :-1], total[:, -1:]
         # Pixels no pass inpainted (outside every window) keep the original: they score 0.
         reconstruction = inpainted / covered.clamp(min=1) + images * (covered == 0)
-        return self.smooth(self.dissimilarity(reconstruction, images))
+        return self.smooth(self.dissimilarity(reconstruction, images, leave_out))
 
     def smooth(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Gaussian smoothing with ``sigma`` (kornia); identity when ``sigma`` is 0."""

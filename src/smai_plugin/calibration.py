@@ -33,7 +33,7 @@ Example:
 
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 
 import torch
@@ -155,6 +155,16 @@ class NormalStatistics(nn.Module):
             raise SmaiInputError(msg)
 
 
+class _Prepared:
+    """A loader's batches prepared by ``prepare``; iterable twice (the feature memory's fit, then the maps)."""
+
+    def __init__(self, loader: DataLoader, prepare: Callable[[Batch], torch.Tensor]) -> None:
+        self.loader, self.prepare = loader, prepare
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self.prepare(batch) for batch in self.loader)
+
+
 class SmaiCalibrationMixin:
     """Calibration of :class:`~smai_plugin.Smai` on its training images, after training.
 
@@ -176,11 +186,10 @@ class SmaiCalibrationMixin:
         """
         if not self.needs_calibration:
             return
-        statistics = self.model.normal_statistics
         datamodule = self.trainer.datamodule
         dataset = getattr(datamodule, "train_data", None)
         if dataset is None or len(dataset) == 0:
-            if statistics.is_fitted:
+            if self.model.is_calibrated:
                 rank_zero_warn("SMAI: no training images to calibrate on; keeping the statistics from before training.")
                 return
             msg = (
@@ -197,7 +206,7 @@ class SmaiCalibrationMixin:
             collate_fn=dataset.collate_fn,
         )
         rank_zero_info(f"SMAI: calibrating on the {len(dataset)} normal training images.")
-        self.model.calibrate(self._calibration_images(batch) for batch in loader)
+        self.model.calibrate(_Prepared(loader, self._calibration_images))
         self._calibration_stale = False
 
     @property
@@ -207,8 +216,7 @@ class SmaiCalibrationMixin:
         Scoring starts by calibrating when this is true; scripts that score or export a model
         outside `Engine` check it to calibrate first (see `benchmarks/`).
         """
-        fitted = self.model.normal_statistics.is_fitted
-        return self.model.calibration != Calibration.NONE and (self._calibration_stale or not fitted)
+        return self.model.calibration != Calibration.NONE and (self._calibration_stale or not self.model.is_calibrated)
 
     def _calibration_images(self, batch: Batch) -> torch.Tensor:
         """Prepare a training batch as the model scores it: on its device, through the pre-processor."""

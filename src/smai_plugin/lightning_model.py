@@ -7,9 +7,10 @@ SMAI trains an inpainting network (PEN-Net) on normal images only: each step mas
 random SLIC superpixels of every image and teaches the network to restore them. At test time
 each superpixel is masked and inpainted in turn; a defect cannot be restored from normal
 context, so the inpainting differs from the original there. The difference (``1 - SSIM`` or
-``L2`` as in the paper; by default MSGMS and pretrained-feature distance of the reconstruction
-assembled from the inpainted superpixels) forms the anomaly map, and the image score is
-calibrated against the maps of the normal training images after training.
+``L2`` as in the paper; by default MSGMS of the reconstruction assembled from the inpainted
+superpixels) forms the anomaly map, by default beside the distance of the image's pretrained
+features to a memory of normal features, and the image score is calibrated against the maps of
+the normal training images after training.
 
 Example:
     >>> from anomalib.data import MVTecAD
@@ -84,8 +85,11 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         score_measure (str | Sequence[str]): How inpainting and
             original are compared: ``"ssim"`` (paper eq. 2), ``"l2"`` (eq. 3), ``"msgms"``
             (multi-scale gradient magnitude similarity), ``"features"`` (cosine distance of
-            pretrained EfficientNet-Lite0 features), or a list, averaged after calibration.
-            Defaults to ``["msgms", "features"]``.
+            pretrained EfficientNet-Lite0 features), ``"memory"`` (cosine distance of the
+            original's pretrained features to the nearest features of the normal training
+            images, which PatchCore also scores with; see :mod:`smai_plugin.memory`), or a list,
+            averaged after calibration. Defaults to ``["msgms", "memory"]``: the inpainting's
+            MSGMS residual with the memory's opinion beside it (README, "Detection quality").
         comparison (Comparison | str): ``"reconstruction"`` (assemble the inpainted
             superpixels into one image and compare it with the original) or ``"per_pass"``
             (the paper's: each pass's inpainting against the original inside its hole).
@@ -125,6 +129,9 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             computed at inference, in ``(0, 1]``. Defaults to ``1.0``.
         window_size (int): With ``scoring="windowed"``, side of the crop around each superpixel
             that is inpainted, in training and scoring; a multiple of 64. Defaults to ``64``.
+        memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
+            feature level (a random, seeded share of the training images' positions; see
+            :mod:`smai_plugin.memory`). Defaults to ``4096``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
             (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
@@ -145,7 +152,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         n_superpixels: int = 77,
         n_masked: int = 10,
         scoring: ScoringMode | str = ScoringMode.WINDOWED,
-        score_measure: str | Sequence[str] = ("msgms", "features"),
+        score_measure: str | Sequence[str] = ("msgms", "memory"),
         comparison: Comparison | str = Comparison.RECONSTRUCTION,
         calibration: Calibration | str = Calibration.SCORE,
         top_k_fraction: float = 0.01,
@@ -166,6 +173,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         local_attention: bool = False,
         attention_budget: float = 1.0,
         window_size: int = 64,
+        memory_size: int = 4096,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -188,6 +196,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             local_attention=local_attention,
             attention_budget=attention_budget,
             window_size=window_size,
+            memory_size=memory_size,
         )
         discriminator = PenNetDiscriminator(discriminator_channels)
         loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)

@@ -8,9 +8,11 @@ Every function takes image batches in PEN-Net's ``[-1, 1]`` range and returns a 
 - :func:`msgms_distance`: ``1 -`` multi-scale gradient magnitude similarity (GMS of Xue et al., 2014, over
   four scales, as RIAD and the Inpainting Transformer score with it): edges that moved,
   vanished or appeared count, flat colour shifts do not;
-- :class:`FeatureDistance`: cosine distance of pretrained ImageNet features (the offline
-  EfficientNet-Lite0 of :mod:`smai_plugin.backbone`), a difference in what the image shows
-  rather than in its pixels;
+- :func:`feature_distance`: cosine distance of pretrained ImageNet features
+  (:class:`PretrainedFeatures`, the offline EfficientNet-Lite0 of :mod:`smai_plugin.backbone`),
+  a difference in what the image shows rather than in its pixels;
+- the ``memory`` measure: the original's pretrained features against a memory of normal
+  features (:mod:`smai_plugin.memory`), an opinion that does not depend on the inpainting;
 - :class:`Dissimilarity`: the maps of one or several :class:`ScoreMeasure` (high = different).
 
 Example:
@@ -22,7 +24,7 @@ Example:
 
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum
 
 import timm
@@ -35,6 +37,7 @@ from torch.nn import functional as F  # noqa: N812
 from ._config import parse_enum
 from .backbone import OFFLINE_BACKBONE
 from .errors import SmaiInputError
+from .memory import FeatureMemory, upsampled_sum
 from .pennet import to_unit_range
 
 SSIM_WINDOW = 11
@@ -49,13 +52,15 @@ class ScoreMeasure(str, Enum):
 
     ``ssim``: ``1 - SSIM`` (paper, eq. 2). ``l2``: squared error (paper, eq. 3). ``msgms``:
     ``1 -`` multi-scale gradient magnitude similarity. ``features``: cosine distance of
-    pretrained ImageNet features.
+    pretrained ImageNet features. ``memory``: cosine distance of the original's pretrained
+    features to the nearest features of normal training images (ignores the inpainting).
     """
 
     SSIM = "ssim"
     L2 = "l2"
     MSGMS = "msgms"
     FEATURES = "features"
+    MEMORY = "memory"
 
 
 def ssim_map(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -104,23 +109,23 @@ def msgms_distance(first: torch.Tensor, second: torch.Tensor, scales: int = MSGM
     return total / scales
 
 
-class FeatureDistance(nn.Module):
-    """Cosine distance of ImageNet features of two image batches, per pixel: ``(N, 1, H, W)``.
+class PretrainedFeatures(nn.Module):
+    """Unit-length ImageNet features of an image batch in ``[-1, 1]``, at three levels.
 
     EfficientNet-Lite0 (ImageNet weights from :mod:`smai_plugin.backbone`, frozen, always in
-    eval mode) maps both images to features at strides 4, 8 and 16 (blocks 1, 2 and 4: 24, 40
-    and 112 channels); at each position ``1 - cos`` of the two feature vectors is taken, resized
-    to the image (bilinear) and summed over the three levels (so the map lies in ``[0, 6]``).
+    eval mode) at strides 4, 8 and 16 (blocks 1, 2 and 4: 24, 40 and 112 channels); each
+    position's feature vector is scaled to unit length. The ``features`` measure compares these
+    between inpainting and original; the ``memory`` measure
+    (:class:`~smai_plugin.memory.FeatureMemory`) between the original and normal images.
 
     The backbone's weights come from the package whenever the module is built; they are left
     out of ``state_dict`` so that checkpoints stay small and the same checkpoint loads whether
     or not a model scores with features.
 
     Example:
-        >>> distance = FeatureDistance()
-        >>> images = torch.rand(1, 3, 64, 64) * 2 - 1
-        >>> float(distance(images, images).abs().max()) < 1e-5
-        True
+        >>> levels = PretrainedFeatures()(torch.rand(1, 3, 64, 64) * 2 - 1)
+        >>> [tuple(level.shape) for level in levels]
+        [(1, 24, 16, 16), (1, 40, 8, 8), (1, 112, 4, 4)]
 
     """
 
@@ -137,7 +142,7 @@ class FeatureDistance(nn.Module):
         self.register_state_dict_post_hook(self._drop_backbone)
         self.register_load_state_dict_post_hook(self._backbone_is_not_missing)
 
-    def train(self, mode: bool = True) -> "FeatureDistance":
+    def train(self, mode: bool = True) -> "PretrainedFeatures":
         """Keep the backbone in eval mode (fixed batch-norm statistics) whatever ``mode`` is."""
         super().train(mode)
         self.backbone.eval()
@@ -156,17 +161,20 @@ class FeatureDistance(nn.Module):
         for key in backbone_keys:
             incompatible_keys.missing_keys.remove(key)
 
-    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """Feature distance of two batches in ``[-1, 1]``, ``(N, 1, H, W)``."""
-        batch = first.shape[0]
-        images = (to_unit_range(torch.cat([first, second])) - self.mean) / self.std
-        distance = torch.zeros_like(first[:, :1])
-        for features in self.backbone(images):
-            # 1 - cos as half the squared distance of the unit vectors: no cancellation near 1 in bf16.
-            unit = F.normalize(features, dim=1)
-            level = (unit[:batch] - unit[batch:]).square().sum(1, keepdim=True) / 2
-            distance = distance + F.interpolate(level, size=first.shape[-2:], mode="bilinear", align_corners=False)
-        return distance
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Compute unit feature maps ``(N, C, h, w)`` of each level for images in ``[-1, 1]``."""
+        features = self.backbone((to_unit_range(images) - self.mean) / self.std)
+        return [F.normalize(level, dim=1) for level in features]
+
+
+def feature_distance(first: list[torch.Tensor], second: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """``1 - cos`` of two images' unit features per position, resized to ``size`` and summed over levels.
+
+    ``1 - cos`` is taken as half the squared distance of the unit vectors: no cancellation near
+    1 in bf16. With three levels the map lies in ``[0, 6]``, ``(N, 1, *size)``.
+    """
+    levels = ((a - b).square().sum(1, keepdim=True) / 2 for a, b in zip(first, second, strict=True))
+    return upsampled_sum(levels, size)
 
 
 def parse_measures(score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str]) -> tuple[ScoreMeasure, ...]:
@@ -189,29 +197,62 @@ class Dissimilarity(nn.Module):
     """Per-pixel difference maps of image batches in ``[-1, 1]``, one channel per measure.
 
     ``ssim``: ``1 - SSIM``; ``l2``: squared error in ``[0, 1]`` units, averaged over the colour
-    channels; ``msgms``: ``1 - MSGMS``; ``features``: :class:`FeatureDistance`. Every map is 0
-    where the two images are equal.
+    channels; ``msgms``: ``1 - MSGMS``; ``features``: :func:`feature_distance` of the two
+    images' :class:`PretrainedFeatures`; ``memory``: the original's features against the
+    :class:`~smai_plugin.memory.FeatureMemory` of normal features (fitted with
+    :meth:`fit_memory`; it ignores the inpainting). Every map but ``memory``'s is 0 where the two
+    images are equal.
 
     Args:
         score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): One measure or a list.
+        memory_size (int): Most vectors the feature memory keeps per level. Defaults to ``4096``.
 
     """
 
-    def __init__(self, score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str]) -> None:
+    def __init__(
+        self, score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str], memory_size: int = 4096
+    ) -> None:
         super().__init__()
         self.measures = parse_measures(score_measure)
-        self.feature_distance = FeatureDistance() if ScoreMeasure.FEATURES in self.measures else None
+        pretrained = {ScoreMeasure.FEATURES, ScoreMeasure.MEMORY} & set(self.measures)
+        self.pretrained = PretrainedFeatures() if pretrained else None
+        self.memory = FeatureMemory(memory_size) if ScoreMeasure.MEMORY in self.measures else None
 
-    def forward(self, inpainted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        """Compare ``inpainted`` with ``original``: maps ``(N, len(measures), H, W)``."""
-        return torch.cat([self.measure(measure, inpainted, original) for measure in self.measures], dim=1)
+    @torch.no_grad()
+    def fit_memory(self, originals: Iterable[torch.Tensor]) -> None:
+        """Fill the feature memory from batches of normal images in ``[-1, 1]`` (see :class:`FeatureMemory`)."""
+        self.memory.fit(self.pretrained(images) for images in originals)
 
-    def measure(self, measure: ScoreMeasure, inpainted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-        """One measure's map, ``(N, 1, H, W)``."""
+    def forward(
+        self, inpainted: torch.Tensor, original: torch.Tensor, leave_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Compare ``inpainted`` with ``original``: maps ``(N, len(measures), H, W)``.
+
+        ``leave_out`` (the images' numbers in the memory's fit, ``(N,)``) leaves each image's
+        own vectors out of the memory, for scoring the images it was fitted on.
+        """
+        size = original.shape[-2:]
+        batch = inpainted.shape[0]
+        if ScoreMeasure.FEATURES in self.measures:  # one backbone pass for both images
+            levels = self.pretrained(torch.cat([inpainted, original]))
+            inpainted_features, original_features = [lv[:batch] for lv in levels], [lv[batch:] for lv in levels]
+        elif self.pretrained is not None:
+            original_features = self.pretrained(original)
+        maps = []
+        for measure in self.measures:
+            if measure == ScoreMeasure.FEATURES:
+                maps.append(feature_distance(inpainted_features, original_features, size))
+            elif measure == ScoreMeasure.MEMORY:
+                maps.append(self.memory(original_features, size, leave_out))
+            else:
+                maps.append(self.pixel_measure(measure, inpainted, original))
+        return torch.cat(maps, dim=1)
+
+    @staticmethod
+    def pixel_measure(measure: ScoreMeasure, inpainted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Compute the map ``(N, 1, H, W)`` of a measure that compares pixels (``ssim``, ``msgms``, ``l2``)."""
         if measure == ScoreMeasure.SSIM:
             return 1 - ssim_map(inpainted, original)
         if measure == ScoreMeasure.MSGMS:
             return msgms_distance(inpainted, original)
-        if measure == ScoreMeasure.FEATURES:
-            return self.feature_distance(inpainted, original)
         return (to_unit_range(inpainted) - to_unit_range(original)).square().mean(1, keepdim=True)

@@ -22,7 +22,7 @@ Example:
 
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from ._config import check_int, parse_enum
 from .anomaly_map import AnomalyMapGenerator, Comparison
 from .calibration import Calibration, NormalStatistics
 from .errors import SmaiInputError
+from .memory import FeatureMemory
 from .pennet import N_LEVELS, PenNetGenerator, to_signed
 from .schedule import ScoringMode, crop_passes
 from .similarity import ScoreMeasure
@@ -85,8 +86,8 @@ class SmaiModel(nn.Module):
         scoring (ScoringMode | str): Inference schedule (and, for ``"windowed"``, what training
             shows the network). Defaults to ``"windowed"``.
         score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): ``"ssim"`` (eq. 2),
-            ``"l2"`` (eq. 3), ``"msgms"``, ``"features"``, or a list of them (averaged after
-            calibration). Defaults to ``"ssim"``.
+            ``"l2"`` (eq. 3), ``"msgms"``, ``"features"``, ``"memory"``, or a list of them
+            (averaged after calibration). Defaults to ``"ssim"``.
         comparison (Comparison | str): ``"per_pass"`` (the paper's) or ``"reconstruction"``
             (see :class:`~smai_plugin.anomaly_map.Comparison`). Defaults to ``"per_pass"``.
         calibration (Calibration | str): ``"none"``, ``"score"`` or ``"map"``: whether the image
@@ -107,6 +108,8 @@ class SmaiModel(nn.Module):
             is computed at inference. Defaults to ``1.0``.
         window_size (int): Side of the crop each pass inpaints with ``scoring="windowed"``, a
             multiple of 64. Defaults to ``64``.
+        memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
+            level (see :mod:`smai_plugin.memory`). Defaults to ``4096``.
 
     """
 
@@ -126,6 +129,7 @@ class SmaiModel(nn.Module):
         local_attention: bool = False,
         attention_budget: float = 1.0,
         window_size: int = 64,
+        memory_size: int = 4096,
     ) -> None:
         super().__init__()
         check_int(window_size, "window_size", minimum=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)  # PEN-Net's input
@@ -136,16 +140,31 @@ class SmaiModel(nn.Module):
         self.generator = PenNetGenerator(base_channels, local_attention)
         self.generator.set_query_budget(attention_budget)  # validates it
         self.attention_budget = attention_budget
-        self.anomaly_map_generator = AnomalyMapGenerator(score_measure, comparison, passes_per_batch, sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            score_measure, comparison, passes_per_batch, sigma, memory_size
+        )
         self.calibration = parse_enum(Calibration, calibration, "calibration")
         if len(self.anomaly_map_generator.measures) > 1 and self.calibration == Calibration.NONE:
             msg = "Several score measures are averaged on the normal images' scale: calibrate, or pick one measure."
+            raise SmaiInputError(msg)
+        if self.memory is not None and self.calibration == Calibration.NONE:
+            msg = "score_measure 'memory' is fitted with the calibration, on the training images: calibrate."
             raise SmaiInputError(msg)
         if not 0 <= top_k_fraction < 1:
             msg = f"top_k_fraction must be in [0, 1), got {top_k_fraction}."
             raise SmaiInputError(msg)
         self.normal_statistics = NormalStatistics()
         self.top_k_fraction = top_k_fraction
+        self.register_load_state_dict_pre_hook(self._drop_unused_memory)
+
+    @staticmethod
+    def _drop_unused_memory(module: "SmaiModel", state_dict: dict, prefix: str, *args: Any) -> None:
+        """Let a checkpoint with a feature memory load into a model that scores without one."""
+        del args
+        if module.memory is None:
+            memory = f"{prefix}anomaly_map_generator.dissimilarity.memory."
+            for key in [key for key in state_dict if key.startswith(memory)]:
+                del state_dict[key]
 
     def train(self, mode: bool = True) -> "SmaiModel":
         """Switch modes; the attention budget applies to inference only."""
@@ -214,10 +233,24 @@ class SmaiModel(nn.Module):
         anomaly_map = self.normal_statistics.scale(maps).mean(dim=1, keepdim=True)
         return InferenceBatch(pred_score=self.image_score(standardised), anomaly_map=anomaly_map)
 
-    def difference_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Smoothed difference maps before calibration, ``(B, M, H, W)``, one channel per measure."""
+    def difference_maps(self, images: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Smoothed difference maps before calibration, ``(B, M, H, W)``, one channel per measure.
+
+        ``leave_out``: see :class:`~smai_plugin.anomaly_map.AnomalyMapGenerator`.
+        """
         window = self.window(images) if self.scoring == ScoringMode.WINDOWED else None
-        return self.anomaly_map_generator(self.generator, to_signed(images), self.pass_holes(images), window)
+        holes = self.pass_holes(images)
+        return self.anomaly_map_generator(self.generator, to_signed(images), holes, window, leave_out)
+
+    @property
+    def memory(self) -> FeatureMemory | None:
+        """The memory of normal features, with the ``memory`` measure."""
+        return self.anomaly_map_generator.dissimilarity.memory
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the normal statistics, and the feature memory if there is one, are fitted (or loaded)."""
+        return self.normal_statistics.is_fitted and (self.memory is None or self.memory.is_fitted)
 
     def map_settings(self) -> dict[str, Any]:
         """List the settings that shape the difference maps, as plain values (statistics fit only these)."""
@@ -232,6 +265,7 @@ class SmaiModel(nn.Module):
             "score_measure": [measure.value for measure in self.anomaly_map_generator.measures],
             "comparison": self.anomaly_map_generator.comparison.value,
             "sigma": self.anomaly_map_generator.sigma,
+            **({"memory_size": self.memory.size} if self.memory is not None else {}),
         }
 
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
@@ -244,19 +278,36 @@ class SmaiModel(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
-        """Fit the normal statistics to the maps of normal images (eval mode, no gradients).
+        """Fit the feature memory, if any, then the normal statistics (eval mode, no gradients).
+
+        The memory is filled from the images first; the statistics then come from the images'
+        maps with each image's own features left out of the memory (see :mod:`smai_plugin.memory`).
 
         Args:
             batches (Iterable[torch.Tensor]): Batches of normal RGB images in ``[0, 1]``,
-                ``(B, 3, H, W)``, at the size the model scores.
+                ``(B, 3, H, W)``, at the size the model scores; iterated twice with a memory,
+                in the same order.
 
         """
+        if self.memory is not None and iter(batches) is batches:
+            msg = "With the memory measure, calibrate takes batches it can iterate twice (a list or a loader)."
+            raise SmaiInputError(msg)
         was_training = self.training
         self.eval()
         try:
-            self.normal_statistics.fit(self.difference_maps(images) for images in batches)
+            if self.memory is not None:
+                self.anomaly_map_generator.dissimilarity.fit_memory(to_signed(images) for images in batches)
+            self.normal_statistics.fit(self._normal_maps(batches))
         finally:
             self.train(was_training)
+
+    def _normal_maps(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Difference maps of the calibration images, numbered as the memory's fit numbered them."""
+        first = 0
+        for images in batches:
+            leave_out = torch.arange(first, first + len(images), device=images.device)
+            first += len(images)
+            yield self.difference_maps(images, leave_out if self.memory is not None else None)
 
     def training_inputs(self, images: torch.Tensor, n_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the training holes, matched to how ``scoring`` will use the generator.
