@@ -34,14 +34,14 @@ PAPER = {
     "top_k_fraction": 0,
 }
 EARLIER = {"score_measure": "ssim", "comparison": "per_pass", "calibration": "none", "top_k_fraction": 0}
-# The default scoring with the maximum of the map as image score.
+# The earlier default scoring (MSGMS and features of the reconstruction) with the maximum of the map as image score.
 COMBINED = {
     "score_measure": ["msgms", "features"],
     "comparison": "reconstruction",
     "calibration": "score",
     "top_k_fraction": 0,
 }
-DEFAULT = {**COMBINED, "top_k_fraction": 0.01}
+WITH_MEMORY = {**COMBINED, "score_measure": ["msgms", "memory"], "top_k_fraction": 0.01}
 # name: (training, inference settings). Trainings: "preset" (the config), "paper" (whole
 # images, leave-one-out), "short" (the config with --short-steps iterations).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -62,8 +62,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "features, reconstruction, calibrated score": ("preset", {**COMBINED, "score_measure": "features"}),
     "msgms + features, reconstruction, calibrated map": ("preset", {**COMBINED, "calibration": "map"}),
     "msgms + features, reconstruction, calibrated score": ("preset", COMBINED),
-    "+ top-1% image score: the default": ("preset", DEFAULT),
+    "+ top-1% image score: the earlier default": ("preset", {**COMBINED, "top_k_fraction": 0.01}),
     "msgms + features, reconstruction, calibrated score, short training": ("short", COMBINED),
+    "memory alone, calibrated score, top-1%": ("preset", {**WITH_MEMORY, "score_measure": "memory"}),
+    "msgms + features + memory, calibrated score, top-1%": (
+        "preset",
+        {**WITH_MEMORY, "score_measure": ["msgms", "features", "memory"]},
+    ),
+    "msgms + memory, calibrated score, top-1%: the default": ("preset", WITH_MEMORY),
 }
 
 

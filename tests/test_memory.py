@@ -58,6 +58,8 @@ def test_the_memory_keeps_a_seeded_sample_of_its_size_and_travels_in_state_dicts
         FeatureMemory(n_levels=2).fit([[level[:1] for level in batches[0]]])
     with pytest.raises(ValueError, match="memory_size"):
         FeatureMemory(size=0)
+    with pytest.raises(ValueError, match="2 levels, got features of 1"):
+        FeatureMemory(n_levels=2).fit([batches[0][:1]])
 
 
 def test_calibration_fits_the_memory_then_the_statistics_without_each_images_own_features() -> None:

@@ -31,7 +31,7 @@ def image_tensor(size: int = 128) -> torch.Tensor:
     return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-PIXEL_MEASURES = [measure for measure in ScoreMeasure if measure != ScoreMeasure.FEATURES]
+PIXEL_MEASURES = [measure for measure in ScoreMeasure if measure not in (ScoreMeasure.FEATURES, ScoreMeasure.MEMORY)]
 
 
 @pytest.mark.parametrize("measure", PIXEL_MEASURES)
