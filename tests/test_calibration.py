@@ -148,6 +148,8 @@ def test_calibrated_checkpoint_round_trips_without_recalibrating(
         torch.testing.assert_close(
             getattr(loaded.model.normal_statistics, name), getattr(model.model.normal_statistics, name)
         )
+    for bank, saved in zip(loaded.model.memory.banks, model.model.memory.banks, strict=True):
+        assert torch.equal(bank, saved)  # the memory of normal features came with the checkpoint
     spy = CalibrationSpy(loaded)
     predictions = engine(tmp_path).predict(loaded, datamodule=datamodule(tiny_root))
     assert spy.batches == []  # the statistics came with the checkpoint
