@@ -45,6 +45,16 @@ from torch.utils.data import DataLoader
 from .errors import SmaiInputError
 
 
+def resize_to_saved(module: nn.Module, state_dict: dict, prefix: str, names: Iterable[str]) -> None:
+    """Give ``module``'s buffers ``names`` the shapes saved in ``state_dict``, before it is loaded.
+
+    For buffers whose size depends on the data they were fitted on (empty until then).
+    """
+    for name in names:
+        if f"{prefix}{name}" in state_dict:
+            setattr(module, name, getattr(module, name).new_empty(state_dict[f"{prefix}{name}"].shape))
+
+
 class Calibration(str, Enum):
     """How the normal statistics are used.
 
@@ -81,10 +91,7 @@ class NormalStatistics(nn.Module):
         self.spread: torch.Tensor
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        for name in ("mean", "spread"):
-            if f"{prefix}{name}" in state_dict:
-                current = getattr(self, name)
-                setattr(self, name, current.new_empty(state_dict[f"{prefix}{name}"].shape))
+        resize_to_saved(self, state_dict, prefix, ("mean", "spread"))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property

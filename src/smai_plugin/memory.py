@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from ._config import check_int
+from .calibration import resize_to_saved
 from .errors import SmaiInputError
 
 # Scores of one chunk of query positions against the whole memory stay under this many values
@@ -86,10 +87,7 @@ class FeatureMemory(nn.Module):
         return all(bank.numel() > 0 for bank in self.banks)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        for level in range(self.n_levels):
-            name = f"bank_{level}"
-            if f"{prefix}{name}" in state_dict:
-                setattr(self, name, getattr(self, name).new_empty(state_dict[f"{prefix}{name}"].shape))
+        resize_to_saved(self, state_dict, prefix, (f"bank_{level}" for level in range(self.n_levels)))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod
@@ -161,11 +159,12 @@ class FeatureMemory(nn.Module):
             batch, _, height, width = maps.shape
             queries = maps.flatten(2).transpose(1, 2)  # (B, hw, C)
             chunk = max(1, CHUNK_VALUES // len(bank))
+            if leave_out is not None:  # the same for every chunk of an image's positions
+                own = getattr(self, f"source_{level}")[None, None, :] == leave_out[:, None, None]  # (B, 1, N)
             nearest = []
             for start in range(0, height * width, chunk):
                 similarity = queries[:, start : start + chunk] @ bank.T  # (B, chunk, N)
                 if leave_out is not None:
-                    own = getattr(self, f"source_{level}")[None, None, :] == leave_out[:, None, None]
                     similarity = similarity.masked_fill(own, -2.0)  # below any cosine
                 nearest.append(similarity.amax(dim=2))
             distance = 1 - torch.cat(nearest, dim=1)

@@ -216,7 +216,8 @@ class Dissimilarity(nn.Module):
         self.measures = parse_measures(score_measure)
         pretrained = {ScoreMeasure.FEATURES, ScoreMeasure.MEMORY} & set(self.measures)
         self.pretrained = PretrainedFeatures() if pretrained else None
-        self.memory = FeatureMemory(memory_size) if ScoreMeasure.MEMORY in self.measures else None
+        memory = ScoreMeasure.MEMORY in self.measures
+        self.memory = FeatureMemory(memory_size, n_levels=len(PretrainedFeatures.LAYERS)) if memory else None
 
     @torch.no_grad()
     def fit_memory(self, originals: Iterable[torch.Tensor]) -> None:
