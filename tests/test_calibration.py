@@ -47,8 +47,10 @@ def test_calibration_modes_use_the_statistics_as_documented() -> None:
     args = {"n_superpixels": 9, "base_channels": 8, "score_measure": ["msgms", "l2"], "comparison": "reconstruction"}
     score_mode = SmaiModel(**args, calibration="score").eval()
     map_mode = SmaiModel(**args, calibration="map").eval()
-    map_mode.load_state_dict(score_mode.state_dict())
-    for model in (score_mode, map_mode):
+    l2_scores = SmaiModel(**args, calibration="score", image_score_measure="l2").eval()
+    for model in (map_mode, l2_scores):
+        model.load_state_dict(score_mode.state_dict())
+    for model in (score_mode, map_mode, l2_scores):
         model.calibrate([images[:2], images[2:]])
     statistics = score_mode.normal_statistics
     with torch.no_grad():
@@ -60,6 +62,15 @@ def test_calibration_modes_use_the_statistics_as_documented() -> None:
     torch.testing.assert_close(by_score.anomaly_map, scaled)
     torch.testing.assert_close(by_map.pred_score, standardised.amax(dim=(1, 2, 3)))
     torch.testing.assert_close(by_map.anomaly_map, standardised)
+    # image_score_measure: the image score from the l2 channel's standardised map alone, the anomaly map unchanged.
+    with torch.no_grad():
+        by_l2 = l2_scores(images)
+    l2_standardised = (maps[:, 1:] - statistics.mean[:, 1:]) / statistics.spread[:, 1:]
+    torch.testing.assert_close(by_l2.pred_score, l2_standardised.amax(dim=(1, 2, 3)))
+    assert not torch.allclose(by_l2.pred_score, by_score.pred_score)
+    torch.testing.assert_close(by_l2.anomaly_map, by_score.anomaly_map)
+    with pytest.raises(ValueError, match=r"image_score_measure \['memory'\] must be among score_measure"):
+        SmaiModel(**args, calibration="score", image_score_measure="memory")
     with pytest.raises(ValueError, match="pick one measure"):
         SmaiModel(**args, calibration="none")
     with pytest.raises(ValueError, match="calibration"):

@@ -26,7 +26,8 @@ ATOL = 1e-4
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 # Windowed passes (crops gathered around each superpixel, scattered back) with local attention,
 # and calibrated msgms and feature maps of the reconstruction beside the memory's map: the normal
-# statistics, the feature backbone and the memory of normal features go into the exported graph.
+# statistics, the feature backbone and the memory of normal features go into the exported graph;
+# the image score from two of the three measures.
 EXPORTED_ARGS = {
     **TINY_MODEL_ARGS,
     "image_size": (128, 128),
@@ -35,6 +36,7 @@ EXPORTED_ARGS = {
     "local_attention": True,
     "attention_budget": 0.5,
     "score_measure": ["msgms", "features", "memory"],
+    "image_score_measure": ["msgms", "memory"],  # channels 0 and 2 give the image score
     "comparison": "reconstruction",
     "calibration": "score",
 }

@@ -132,6 +132,10 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
             feature level (a random, seeded share of the training images' positions; see
             :mod:`smai_plugin.memory`). Defaults to ``4096``.
+        image_score_measure (str | Sequence[str] | None): The measure(s) of ``score_measure``
+            whose calibrated maps give the image score (``"memory"``: the memory decides which
+            images are anomalous, every measure shapes the anomaly map); ``None`` takes them all.
+            Defaults to ``None``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
             (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
@@ -174,6 +178,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         attention_budget: float = 1.0,
         window_size: int = 64,
         memory_size: int = 4096,
+        image_score_measure: str | Sequence[str] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -197,6 +202,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             attention_budget=attention_budget,
             window_size=window_size,
             memory_size=memory_size,
+            image_score_measure=image_score_measure,
         )
         discriminator = PenNetDiscriminator(discriminator_channels)
         loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)

@@ -37,7 +37,7 @@ from .errors import SmaiInputError
 from .memory import FeatureMemory
 from .pennet import N_LEVELS, PenNetGenerator, to_signed
 from .schedule import ScoringMode, crop_passes
-from .similarity import ScoreMeasure
+from .similarity import ScoreMeasure, parse_measures
 from .superpixel import SuperpixelCache, SuperpixelMasker
 
 SIZE_MULTIPLE = 2**N_LEVELS
@@ -110,6 +110,9 @@ class SmaiModel(nn.Module):
             multiple of 64. Defaults to ``64``.
         memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
             level (see :mod:`smai_plugin.memory`). Defaults to ``4096``.
+        image_score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str] | None): The
+            measure(s) of ``score_measure`` whose calibrated maps give the image score; ``None``
+            takes them all. The anomaly map always averages all. Defaults to ``None``.
 
     """
 
@@ -130,6 +133,7 @@ class SmaiModel(nn.Module):
         attention_budget: float = 1.0,
         window_size: int = 64,
         memory_size: int = 4096,
+        image_score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str] | None = None,
     ) -> None:
         super().__init__()
         check_int(window_size, "window_size", minimum=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)  # PEN-Net's input
@@ -155,6 +159,16 @@ class SmaiModel(nn.Module):
             raise SmaiInputError(msg)
         self.normal_statistics = NormalStatistics()
         self.top_k_fraction = top_k_fraction
+        measures = self.anomaly_map_generator.measures
+        chosen = measures if image_score_measure is None else parse_measures(image_score_measure)
+        if not set(chosen) <= set(measures):
+            msg = (
+                f"image_score_measure {[m.value for m in chosen]} must be among score_measure "
+                f"{[m.value for m in measures]}."
+            )
+            raise SmaiInputError(msg)
+        # Channels of the maps that give the image score, in the maps' order (a constant for export).
+        self.image_score_channels = [measures.index(measure) for measure in measures if measure in chosen]
         self.register_load_state_dict_pre_hook(self._drop_unused_memory)
 
     @staticmethod
@@ -227,11 +241,13 @@ class SmaiModel(nn.Module):
         maps = self.difference_maps(images)
         if self.calibration == Calibration.NONE:
             return InferenceBatch(pred_score=self.image_score(maps), anomaly_map=maps)
-        standardised = self.normal_statistics(maps).mean(dim=1, keepdim=True)
+        standardised = self.normal_statistics(maps)
+        pred_score = self.image_score(standardised[:, self.image_score_channels].mean(dim=1, keepdim=True))
         if self.calibration == Calibration.MAP:
-            return InferenceBatch(pred_score=self.image_score(standardised), anomaly_map=standardised)
-        anomaly_map = self.normal_statistics.scale(maps).mean(dim=1, keepdim=True)
-        return InferenceBatch(pred_score=self.image_score(standardised), anomaly_map=anomaly_map)
+            anomaly_map = standardised.mean(dim=1, keepdim=True)
+        else:
+            anomaly_map = self.normal_statistics.scale(maps).mean(dim=1, keepdim=True)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def difference_maps(self, images: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
         """Smoothed difference maps before calibration, ``(B, M, H, W)``, one channel per measure.
