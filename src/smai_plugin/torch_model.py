@@ -168,7 +168,7 @@ class SmaiModel(nn.Module):
             )
             raise SmaiInputError(msg)
         # Channels of the maps that give the image score, in the maps' order (a constant for export).
-        self.image_score_channels = [measures.index(measure) for measure in measures if measure in chosen]
+        self.image_score_channels = [index for index, measure in enumerate(measures) if measure in chosen]
         self.register_load_state_dict_pre_hook(self._drop_unused_memory)
 
     @staticmethod
