@@ -116,7 +116,7 @@ np.savez(sys.argv[3], pred_score=np.stack([np.asarray(o.pred_score).reshape(-1) 
 """
 
 
-def assert_plain_call_close(xml: Path, model: Smai, work: Path) -> None:
+def assert_plain_call_close(xml: Path, model: Smai, work: Path, bf16_map_tolerance: float) -> None:
     """``OpenVINOInferencer(xml, device="CPU")``, one real image per call, against torch.
 
     The CPU's default precision: bf16 on CPUs with it. Run in a subprocess with a time limit:
@@ -124,8 +124,9 @@ def assert_plain_call_close(xml: Path, model: Smai, work: Path) -> None:
     CPUs without bf16. With bf16, ``benchmarks/deploy_latency.py`` measured on bottle's test set
     with the trained default model mean map differences of 0.004 (the default export) and 0.005
     (the batch fixed to 1), and metrics within 0.003 of torch's (README "Deploy"); this briefly
-    trained test model's maps move more (0.017 on the three images with the batch fixed to 1, under
-    0.01 for the default export), so the bound is 2e-2, as for the compressed exports below.
+    trained test model's maps move more: under 0.01 for the default export (its bound 1e-2), 0.017
+    on the three images with the batch fixed to 1 (its bound 2e-2, as for the compressed exports
+    below). Scores within 0.05 with bf16.
     """
     images = np.stack(real_test_images())
     np.save(work / "images.npy", images)
@@ -138,7 +139,7 @@ def assert_plain_call_close(xml: Path, model: Smai, work: Path) -> None:
     expected = [torch_reference(model, image) for image in images]
     scores = np.concatenate([reference["pred_score"].reshape(-1) for reference in expected])
     maps = np.stack([reference["anomaly_map"].squeeze() for reference in expected])
-    score_tolerance, map_tolerance = (0.05, 2e-2) if cpu_has_bf16() else (ATOL, ATOL)
+    score_tolerance, map_tolerance = (0.05, bf16_map_tolerance) if cpu_has_bf16() else (ATOL, ATOL)
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), scores, atol=score_tolerance)
     assert np.abs(outputs["anomaly_map"] - maps).mean() < map_tolerance
 
@@ -217,7 +218,7 @@ def test_cli_export_openvino_with_the_batch_fixed_to_one_and_inferencer_parity(t
         expected = torch_reference(model, read_image(path, as_tensor=False).astype(np.float32))
         assert_parity(inferencer_outputs(prediction), expected)
     # README "Deploy"'s fastest deployment: this export as an OpenVINO user calls it.
-    assert_plain_call_close(xml, model, tmp_path)
+    assert_plain_call_close(xml, model, tmp_path, bf16_map_tolerance=2e-2)
 
 
 def test_plain_openvino_inferencer_matches_torch(trained, tmp_path: Path) -> None:
@@ -225,7 +226,7 @@ def test_plain_openvino_inferencer_matches_torch(trained, tmp_path: Path) -> Non
     model, engine, _ = trained
     xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path)
     assert_openvino_parity(xml, model)
-    assert_plain_call_close(xml, model, tmp_path)
+    assert_plain_call_close(xml, model, tmp_path, bf16_map_tolerance=1e-2)
 
 
 @pytest.mark.parametrize("compression", ["fp16", "int8"])
