@@ -1,6 +1,8 @@
-"""Shared fixtures: real images from ../shared/data, shrunk so tests run in seconds."""
+"""Shared fixtures: the real images bundled in ``sample_data/``, shrunk so tests run in seconds.
 
-import os
+The suite reads nothing outside the repository, so it runs from a bare clone.
+"""
+
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +10,17 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SMAI_SHARED_DATA", REPO.parent / "shared" / "data"))
+SAMPLE_DATA = REPO / "sample_data"
+
+
+def sample_paths(category: str, split: str) -> list[Path]:
+    """The bundled PNG images of ``category`` under ``split`` (e.g. ``"train"``, ``"test/colour"``), sorted."""
+    return sorted((SAMPLE_DATA / category / split).rglob("*.png"))
 
 
 def real_image(category: str, split: str, index: int = 0, size: int | None = None) -> np.ndarray:
-    """An RGB image (H, W, 3) uint8 from the shared MVTec-layout data."""
-    paths = sorted((SHARED_DATA / category / split).rglob("*.png"))
-    image = Image.open(paths[index]).convert("RGB")
+    """An RGB image (H, W, 3) uint8 from the bundled sample data, optionally resized to a square."""
+    image = Image.open(sample_paths(category, split)[index]).convert("RGB")
     if size is not None:
         image = image.resize((size, size), Image.BICUBIC)
     return np.asarray(image)
@@ -23,8 +29,8 @@ def real_image(category: str, split: str, index: int = 0, size: int | None = Non
 def make_tiny_mvtec(
     root: Path, category: str = "hazelnut_toy", size: int = 64, n_train: int = 8, n_good: int = 2, n_defect: int = 3
 ) -> Path:
-    """Copy a few real images (and their masks) of a category into ``root``, resized to ``size``."""
-    source = SHARED_DATA / category
+    """Copy a few bundled images (and their masks) of a category into ``root``, resized to ``size``."""
+    source = SAMPLE_DATA / category
     target = root / category
 
     def copy(path: Path, out: Path, resample: int) -> None:

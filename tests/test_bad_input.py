@@ -1,6 +1,6 @@
 """Bad input is refused with a message a user can act on, never a deep crash or a silent wrong answer.
 
-Image files are real images from the shared data, written in other formats with Pillow.
+Image files are real images from the bundled sample data, written in other formats with Pillow.
 """
 
 from pathlib import Path

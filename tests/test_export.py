@@ -16,7 +16,7 @@ from anomalib.engine import Engine
 from smai_plugin import Smai
 from smai_plugin.export import cpu_has_bf16
 
-from .conftest import SHARED_DATA, TINY_MODEL_ARGS, make_tiny_mvtec
+from .conftest import TINY_MODEL_ARGS, make_tiny_mvtec, sample_paths
 
 pytestmark = pytest.mark.slow
 
@@ -57,13 +57,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Smai, Engine, Pat
     return model.eval(), engine, Path(engine.trainer.checkpoint_callback.best_model_path)
 
 
+def real_test_image_paths() -> list[Path]:
+    """Two defective and one good bundled hazelnut image, unseen in training (256x256: not the trained 128x128)."""
+    return [*sample_paths("hazelnut_toy", "test/colour")[-2:], sample_paths("hazelnut_toy", "test/good")[-1]]
+
+
 def real_test_images() -> list[np.ndarray]:
-    """Real defective and good bottle images in [0, 1], HWC float32 (256x256: not the trained 128x128)."""
-    paths = [
-        *sorted((SHARED_DATA / "bottle" / "test" / "broken_large").glob("*.png"))[:2],
-        sorted((SHARED_DATA / "bottle" / "test" / "good").glob("*.png"))[0],
-    ]
-    return [read_image(path, as_tensor=False).astype(np.float32) for path in paths]
+    """The images of :func:`real_test_image_paths` in [0, 1], HWC float32."""
+    return [read_image(path, as_tensor=False).astype(np.float32) for path in real_test_image_paths()]
 
 
 def torch_reference(model: Smai, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -212,8 +213,7 @@ def test_cli_export_openvino_with_the_batch_fixed_to_one_and_inferencer_parity(t
     assert shape[2].is_dynamic, shape  # any image size, resized inside the graph
     assert {output.any_name for output in exported.outputs} == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config=F32)
-    paths = [*sorted((SHARED_DATA / "bottle" / "test" / "broken_large").glob("*.png"))[:2]]
-    for path in paths:
+    for path in real_test_image_paths()[:2]:
         prediction = inferencer.predict(path)
         expected = torch_reference(model, read_image(path, as_tensor=False).astype(np.float32))
         assert_parity(inferencer_outputs(prediction), expected)

@@ -28,7 +28,7 @@ def test_pennet_sizes_match_the_paper() -> None:
 def test_generator_learns_to_fill_holes() -> None:
     torch.manual_seed(0)
     generator = PenNetGenerator(8)
-    image = torch.from_numpy(real_image("bottle", "train", 0, size=64).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    image = torch.from_numpy(real_image("hazelnut_toy", "train", size=64).copy()).permute(2, 0, 1).float() / 127.5 - 1
     images = image.expand(4, -1, -1, -1)
     holes = torch.zeros(4, 1, 64, 64)
     holes[..., 16:40, 16:40] = 1
@@ -100,7 +100,7 @@ def test_torch_model_modes() -> None:
 
 def test_windowed_training_shows_the_network_what_a_windowed_pass_shows() -> None:
     torch.manual_seed(0)
-    image = torch.from_numpy(real_image("bottle", "train", 0, size=128).copy()).permute(2, 0, 1).float() / 255
+    image = torch.from_numpy(real_image("hazelnut_toy", "train", 0, size=128).copy()).permute(2, 0, 1).float() / 255
     images = torch.stack([image, image.flip(-1)])
     model = SmaiModel(n_superpixels=40, base_channels=8, scoring="windowed", window_size=64)
     crops, holes = model.training_inputs(images, n_masked=3)

@@ -44,7 +44,7 @@ def test_msgms_averages_the_scales() -> None:
 
 
 def test_every_measure_is_zero_for_identical_images_and_grows_with_a_defect() -> None:
-    image = signed(torch.from_numpy(real_image("bottle", "test", 0, size=128).copy()).permute(2, 0, 1)[None] / 255)
+    image = signed(torch.from_numpy(real_image("hazelnut_toy", "test", size=128).copy()).permute(2, 0, 1)[None] / 255)
     defective = image.clone()
     defective[..., 40:72, 40:72] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
     measure = Dissimilarity(["ssim", "l2", "msgms", "features"])
