@@ -337,10 +337,15 @@ def test_broken_symbolic_link_is_named(root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_image_outside_the_mvtec_folders_is_named(root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "where", ["thumbnails/preview.png", "validation/crack/x.png", "train/good/nested/x.png", "train/crack/x.png"]
+)
+def test_image_outside_the_mvtec_folders_is_named(root: Path, tmp_path: Path, where: str) -> None:
     """anomalib alone reads it as a defective image without a mask and fails with a nameless TypeError."""
-    stray = root / CATEGORY / "thumbnails" / "preview.png"
-    stray.parent.mkdir()
+    stray = root / CATEGORY / where
+    stray.parent.mkdir(parents=True, exist_ok=True)
     train_images(root)[0].rename(stray)
-    with pytest.raises(SmaiInputError, match=rf"1 image\(s\) in {root / CATEGORY} are not in train/.*: {stray}\. "):
+    with pytest.raises(
+        SmaiInputError, match=rf"1 image\(s\) in {root / CATEGORY} are not in train/good/.*: {stray}\. "
+    ):
         engine(tmp_path).fit(tiny_model(), datamodule=datamodule(root))

@@ -1,5 +1,6 @@
 """Calibration against normal residuals: what it is fitted on, where it lives, when it is redone."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,19 @@ def test_statistics_are_mean_and_floored_spread_of_normal_maps() -> None:
     assert (statistics.spread > spread + 1e-6).sum() == pytest.approx(64, abs=2)  # half the pixels lifted to the floor
     torch.testing.assert_close(statistics.spread, torch.maximum(spread, floor))
     torch.testing.assert_close(statistics(maps), (maps - statistics.mean) / statistics.spread)
+    # The normal level: every 4th pixel each way (4 of the 64 here) of the 10 maps; the 99.9% quantile of
+    # 40 values is the largest. Each measure's map is scaled by its level.
+    sampled = maps[..., ::4, ::4].transpose(0, 1).flatten(1)
+    torch.testing.assert_close(statistics.level.flatten(), sampled.amax(dim=1))
+    torch.testing.assert_close(statistics.scale(maps), maps / sampled.amax(dim=1).reshape(1, 2, 1, 1))
     # The statistics travel in state dicts, into a module that has none yet.
     fresh = NormalStatistics()
     fresh.load_state_dict(statistics.state_dict())
     torch.testing.assert_close(fresh(maps), statistics(maps))
-    with pytest.raises(ValueError, match="height, width"):
+    with pytest.raises(ValueError, match="Maps of 16x16 pixels cannot be calibrated with statistics fitted on 8x8"):
         statistics(torch.rand(1, 2, 16, 16))
+    with pytest.raises(ValueError, match=r"fitted for 2 score measure\(s\), but the model now scores with 3"):
+        statistics(torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match="not fitted"):
         NormalStatistics()(maps)
     with pytest.raises(ValueError, match="at least 2"):
@@ -56,7 +64,10 @@ def test_calibration_modes_use_the_statistics_as_documented() -> None:
     with torch.no_grad():
         maps = score_mode.difference_maps(images)
         standardised = ((maps - statistics.mean) / statistics.spread).mean(1, keepdim=True)
-        scaled = (maps / maps.mean(dim=(0, 2, 3), keepdim=True)).mean(1, keepdim=True)  # normal mean per measure
+        # Each measure on its normal level's scale (the 99.9% quantile of every 4th pixel each way), averaged.
+        sampled = maps[..., ::4, ::4].transpose(0, 1).flatten(1)
+        level = sampled.kthvalue(math.ceil(0.999 * sampled.shape[1]), dim=1).values.reshape(1, 2, 1, 1)
+        scaled = (maps / level).mean(1, keepdim=True)
         by_score, by_map = score_mode(images), map_mode(images)
     torch.testing.assert_close(by_score.pred_score, standardised.amax(dim=(1, 2, 3)))
     torch.testing.assert_close(by_score.anomaly_map, scaled)
@@ -75,6 +86,24 @@ def test_calibration_modes_use_the_statistics_as_documented() -> None:
         SmaiModel(**args, calibration="none")
     with pytest.raises(ValueError, match="calibration"):
         SmaiModel(n_superpixels=9, base_channels=8, calibration="sometimes")
+
+
+def test_with_the_memory_the_map_adds_what_the_inpainting_shows_beyond_its_normal_level() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 64, 64)
+    model = SmaiModel(n_superpixels=9, base_channels=8, score_measure=["msgms", "memory"], calibration="score").eval()
+    model.calibrate([images[:2], images[2:]])
+    test = images.flip(-1) * 0.5 + torch.rand(4, 3, 64, 64) * 0.5  # images the memory has not seen
+    with torch.no_grad():
+        maps = model.difference_maps(test)
+        output = model(test)
+    scaled = maps / model.normal_statistics.level
+    expected = scaled[:, 1:] + (scaled[:, :1] - 1).clamp(min=0)  # the memory's map + msgms beyond its level
+    torch.testing.assert_close(output.anomaly_map, expected)
+    assert (scaled[:, :1] > 1).any()  # both sides of the level occur
+    assert (scaled[:, :1] < 1).any()
+    standardised = (maps[:, 1:] - model.normal_statistics.mean[:, 1:]) / model.normal_statistics.spread[:, 1:]
+    torch.testing.assert_close(output.pred_score, model.image_score(standardised))  # the memory ranks images
 
 
 def datamodule(root: Path) -> MVTecAD:
@@ -159,8 +188,7 @@ def test_calibrated_checkpoint_round_trips_without_recalibrating(
         torch.testing.assert_close(
             getattr(loaded.model.normal_statistics, name), getattr(model.model.normal_statistics, name)
         )
-    for bank, saved in zip(loaded.model.memory.banks, model.model.memory.banks, strict=True):
-        assert torch.equal(bank, saved)  # the memory of normal features came with the checkpoint
+    assert torch.equal(loaded.model.memory.bank, model.model.memory.bank)  # the memory came with the checkpoint
     spy = CalibrationSpy(loaded)
     predictions = engine(tmp_path).predict(loaded, datamodule=datamodule(tiny_root))
     assert spy.batches == []  # the statistics came with the checkpoint

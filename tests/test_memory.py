@@ -1,86 +1,122 @@
-"""The memory of normal features: nearest neighbours, leaving an image's own features out, its size."""
+"""The memory of normal patches: its patch description, nearest neighbours, leave-out, coreset, checkpoints."""
 
 import pytest
 import torch
-from torch.nn import functional as F  # noqa: N812
 
-from smai_plugin.memory import FeatureMemory
+from smai_plugin.memory import FeatureMemory, greedy_coreset
 from smai_plugin.torch_model import SmaiModel
 
 
-def unit(*rows: list[float]) -> torch.Tensor:
-    """Unit vectors as a (1, C, 1, N) feature map: one image, N positions in a row."""
-    return F.normalize(torch.tensor(rows).T[None, :, None, :], dim=1)
+def patches(*rows: list[float]) -> torch.Tensor:
+    """Vectors as a (1, C, 1, N) embedding: one image, N positions in a row."""
+    return torch.tensor(rows).T[None, :, None, :]
 
 
-def test_distance_is_one_minus_the_cosine_of_the_nearest_normal_vector() -> None:
-    memory = FeatureMemory(size=100, n_levels=1)
-    memory.fit([[unit([1.0, 0.0, 0.0], [0.0, 1.0, 0.0])], [unit([0.0, 0.0, 1.0], [1.0, 1.0, 0.0])]])
-    assert [tuple(bank.shape) for bank in memory.banks] == [(4, 3)]
-    queries = unit([1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [1.0, 1.0, 1.0], [0.6, 0.8, 0.0])
-    distance = memory([queries], size=(1, 4))[0, 0, 0]
-    # A normal vector itself; opposite to one and orthogonal to the rest; cos 1/sqrt(3) from three
-    # of them (and sqrt(2/3) from [1, 1, 0]); nearest [1, 1, 0] (cos 1.4 / sqrt(2)).
-    expected = torch.tensor([0.0, 1.0, 1 - (2 / 3) ** 0.5, 1 - 1.4 / 2**0.5])
-    torch.testing.assert_close(distance, expected, atol=1e-6, rtol=0)
+def test_embedding_averages_each_level_over_its_neighbourhood_and_joins_the_levels() -> None:
+    fine, coarse = torch.ones(1, 2, 3, 3), torch.tensor([[[[2.0]]]])  # 2 channels 3x3, 1 channel 1x1
+    joined = FeatureMemory(neighbourhood=1).embed([fine, coarse])
+    assert joined.shape == (1, 3, 3, 3)
+    torch.testing.assert_close(joined[0, 2], torch.full((3, 3), 2.0))  # the coarse level on the fine grid
+    pooled = FeatureMemory(neighbourhood=3).embed([fine, coarse])[0, 0]
+    # A 3x3 mean with zero padding: 9/9 in the centre, 6/9 on an edge, 4/9 in a corner (PatchCore's pooling).
+    expected = torch.tensor([[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]]) / 9
+    torch.testing.assert_close(pooled, expected)
+    with pytest.raises(ValueError, match="memory_neighbourhood must be odd"):
+        FeatureMemory(neighbourhood=2)
 
 
-def test_leave_out_ignores_only_the_images_own_vectors() -> None:
-    memory = FeatureMemory(size=100, n_levels=1)
-    first, second = unit([1.0, 0.0], [1.0, 0.0]), unit([0.0, 1.0], [1.0, 1.0])
-    memory.fit([[torch.cat([first, second])]])  # one batch: image 0, image 1
+def test_distance_is_euclidean_to_the_nearest_normal_patch() -> None:
+    memory = FeatureMemory(size=100)
+    memory.fit([patches([0.0, 0.0], [3.0, 0.0]), patches([0.0, 4.0], [10.0, 10.0])])
+    assert tuple(memory.bank.shape) == (4, 2)
+    queries = patches([0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [9.0, 10.0])
+    distance = memory(queries, size=(1, 4))[0, 0, 0]
+    # itself; 3 from [3, 0] and from [0, 4]; sqrt(2) from [0, 0]; 1 from [10, 10].
+    torch.testing.assert_close(distance, torch.tensor([0.0, 3.0, 2**0.5, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_leave_out_ignores_only_the_images_own_patches() -> None:
+    memory = FeatureMemory(size=100)
+    first, second = patches([0.0, 0.0], [1.0, 0.0]), patches([0.0, 3.0], [5.0, 0.0])
     both = torch.cat([first, second])
-    torch.testing.assert_close(memory([both], size=(1, 2)), torch.zeros(2, 1, 1, 2))
-    # Image 0 without its own vectors: nearest is [1, 1] (cos 1/sqrt(2)); image 1 without its own: [1, 0].
-    left_out = memory([both], size=(1, 2), leave_out=torch.tensor([0, 1]))[:, 0, 0]
-    expected = torch.tensor([[1 - 0.5**0.5] * 2, [1.0, 1 - 0.5**0.5]])
-    torch.testing.assert_close(left_out, expected, atol=1e-6, rtol=0)
+    memory.fit([both])  # one batch: image 0, image 1
+    torch.testing.assert_close(memory(both, size=(1, 2)), torch.zeros(2, 1, 1, 2))
+    left_out = memory(both, size=(1, 2), leave_out=torch.tensor([0, 1]))[:, 0, 0]
+    # Image 0 against image 1's [0, 3] and [5, 0]; image 1 against image 0's [0, 0] and [1, 0].
+    expected = torch.tensor([[3.0, 10**0.5], [3.0, 4.0]])
+    torch.testing.assert_close(left_out, expected, atol=1e-5, rtol=0)
 
 
-def test_the_memory_keeps_a_seeded_sample_of_its_size_and_travels_in_state_dicts() -> None:
+def test_the_coreset_covers_every_cluster_and_random_sampling_is_seeded() -> None:
+    # Three tight clusters of different sizes: a coreset of 3 takes one vector from each.
     torch.manual_seed(0)
-    batches = [[F.normalize(torch.randn(3, 8, 4, 4), dim=1), F.normalize(torch.randn(3, 16, 2, 2), dim=1)]]
-    memory, again = FeatureMemory(size=20, n_levels=2), FeatureMemory(size=20, n_levels=2)
-    memory.fit(batches)
-    torch.manual_seed(1)  # the sample does not depend on the global random state
-    again.fit(batches)
-    assert [tuple(bank.shape) for bank in memory.banks] == [(20, 8), (12, 16)]  # 48 positions, 12 positions
-    for bank, repeat in zip(memory.banks, again.banks, strict=True):
-        assert torch.equal(bank, repeat)
-    every_vector = batches[0][0].flatten(2).transpose(1, 2).flatten(0, 1)
-    assert ((memory.bank_0[:, None] - every_vector[None]).abs().amax(2) == 0).any(1).all()  # real vectors
-    fresh = FeatureMemory(size=20, n_levels=2)
+    clusters = [
+        torch.randn(n, 2) * 0.01 + torch.tensor(centre) for n, centre in ((50, [0, 0]), (5, [9, 0]), (1, [0, 9]))
+    ]
+    vectors = torch.cat(clusters)
+    chosen = greedy_coreset(vectors, 3, torch.Generator().manual_seed(1))
+    assert sorted(int(index >= 50) + int(index >= 55) for index in chosen) == [0, 1, 2]
+    embedding = vectors.T[None, :, None, :]
+    coreset, sample = FeatureMemory(size=3), FeatureMemory(size=3, sampling="random")
+    coreset.fit([embedding, embedding])
+    sample.fit([embedding, embedding])
+    torch.manual_seed(5)  # neither depends on the global random state
+    again = FeatureMemory(size=3, sampling="random")
+    again.fit([embedding, embedding])
+    assert torch.equal(sample.bank, again.bank)
+    # The coreset's farthest normal patch is near (clusters covered); a random sample misses the small ones.
+    assert coreset(embedding, (1, 56)).amax() < 0.1 < sample(embedding, (1, 56)).amax()
+    with pytest.raises(ValueError, match="memory_sampling"):
+        FeatureMemory(sampling="kmeans")
+
+
+def test_the_memory_travels_in_state_dicts_and_refuses_misuse() -> None:
+    torch.manual_seed(0)
+    embedding = torch.randn(3, 8, 4, 4)
+    memory = FeatureMemory(size=20)
+    memory.fit([embedding])
+    fresh = FeatureMemory(size=20)
     fresh.load_state_dict(memory.state_dict())
-    torch.testing.assert_close(fresh(batches[0], (8, 8)), memory(batches[0], (8, 8)))
+    torch.testing.assert_close(fresh(embedding, (8, 8)), memory(embedding, (8, 8)))
+    assert "source" not in memory.state_dict()  # only the calibration after the fit needs it
     with pytest.raises(ValueError, match="not fitted"):
-        FeatureMemory(n_levels=2)(batches[0], (8, 8))
+        FeatureMemory()(embedding, (8, 8))
     with pytest.raises(ValueError, match="at least 2"):
-        FeatureMemory(n_levels=2).fit([[level[:1] for level in batches[0]]])
+        FeatureMemory().fit([embedding[:1]])
     with pytest.raises(ValueError, match="memory_size"):
         FeatureMemory(size=0)
-    with pytest.raises(ValueError, match="2 levels, got features of 1"):
-        FeatureMemory(n_levels=2).fit([batches[0][:1]])
 
 
-def test_calibration_fits_the_memory_then_the_statistics_without_each_images_own_features() -> None:
+def test_calibration_fits_the_memory_then_the_statistics_without_each_images_own_patches() -> None:
     torch.manual_seed(0)
     images = torch.rand(4, 3, 64, 64)
     args = {"n_superpixels": 9, "base_channels": 8, "comparison": "reconstruction"}
     model = SmaiModel(**args, score_measure=["l2", "memory"], calibration="score")
     model.calibrate([images[:2], images[2:]])
-    assert [len(bank) for bank in model.memory.banks] == [4 * 16 * 16, 4 * 8 * 8, 4 * 4 * 4]
+    assert tuple(model.memory.bank.shape) == (4 * 8 * 8, 40 + 112)  # every patch of 4 images at stride 8
     with torch.no_grad():
         own = model.difference_maps(images)
         left_out = model.difference_maps(images, leave_out=torch.arange(4))
-    assert own[:, 1].abs().max() < 1e-5  # every position finds itself
-    assert left_out[:, 1].amin() > 0.01
+    assert own[:, 1].abs().max() < 1e-5  # every patch finds itself
+    assert left_out[:, 1].amin() > 0.1 * left_out[:, 1].mean()
     torch.testing.assert_close(model.normal_statistics.mean, left_out.mean(0, keepdim=True), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="iterate twice"):
         model.calibrate(iter([images[:2], images[2:]]))
     with pytest.raises(ValueError, match="calibrate"):
         SmaiModel(**args, score_measure="memory", calibration="none")
-    with pytest.raises(ValueError, match="reconstruction"):
-        SmaiModel(**{**args, "comparison": "per_pass"}, score_measure="memory", calibration="score")
+
+
+def test_the_memory_alone_inpaints_nothing_and_the_image_score_follows_it() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 64, 64)
+    alone = SmaiModel(n_superpixels=9, base_channels=8, score_measure="memory", calibration="score")
+    assert alone.anomaly_map_generator is None
+    alone.calibrate([images[:2], images[2:]])
+    assert alone.eval()(images).anomaly_map.shape == (4, 1, 64, 64)
+    both = SmaiModel(n_superpixels=9, base_channels=8, score_measure=["msgms", "memory"], calibration="score")
+    assert both.image_score_channels == [1]  # by default the memory ranks the images
+    every = SmaiModel(n_superpixels=9, base_channels=8, score_measure=["msgms", "l2"], calibration="score")
+    assert every.image_score_channels == [0, 1]  # without a memory, every measure does
 
 
 def test_checkpoints_load_across_models_with_and_without_a_memory() -> None:
@@ -96,5 +132,9 @@ def test_checkpoints_load_across_models_with_and_without_a_memory() -> None:
     assert not fresh.memory.is_fitted
     assert not fresh.is_calibrated
     fresh.load_state_dict(with_memory.state_dict())
-    for bank, saved in zip(fresh.memory.banks, with_memory.memory.banks, strict=True):
-        assert torch.equal(bank, saved)
+    assert torch.equal(fresh.memory.bank, with_memory.memory.bank)
+    # An earlier version's memory (one bank per level) is left out: the memory is fitted again.
+    legacy = {**without.state_dict(), "anomaly_map_generator.dissimilarity.memory.bank_0": torch.rand(5, 24)}
+    fresh = SmaiModel(**args, score_measure=["msgms", "memory"])
+    fresh.load_state_dict(legacy)
+    assert not fresh.memory.is_fitted

@@ -32,12 +32,19 @@ from anomalib.engine import Engine
 from smai_plugin import Smai
 
 root, out, model_args, every_n = Path(sys.argv[1]), Path(sys.argv[2]), eval(sys.argv[3]), int(sys.argv[4])
+pause_in = sys.argv[5]  # "training" or "calibration": where the test kills the process
 
 
 class Slow(Callback):
-    # Slow enough that the test kills the process between two checkpoints.
+    # Slow enough that the test kills the process between two checkpoints, or while it calibrates.
     def on_train_batch_end(self, *args):
-        time.sleep(1.0)
+        if pause_in == "training":
+            time.sleep(1.0)
+
+    def on_validation_start(self, *args):  # runs before SMAI's calibration, which starts the validation
+        if pause_in == "calibration":
+            (out / "calibrating").touch()
+            time.sleep(600)
 
 
 seed_everything(0)
@@ -88,23 +95,24 @@ def assert_same(actual: object, expected: object, where: str = "") -> None:
         assert actual == expected, where
 
 
-def start_and_kill(tiny_root: Path, out: Path, timeout: float = 240.0) -> Path:
-    """Start a real training process, SIGKILL it once its first checkpoint is on disk."""
+def start_and_kill(tiny_root: Path, out: Path, pause_in: str = "training", timeout: float = 240.0) -> Path:
+    """Start a real training process; SIGKILL it once its first checkpoint is on disk, or once it calibrates."""
     script = out / "train.py"
     out.mkdir(parents=True, exist_ok=True)
     script.write_text(TRAIN_SCRIPT)
     model_args = {**TINY_MODEL_ARGS, "max_steps": MAX_STEPS}
     process = subprocess.Popen(
-        [sys.executable, str(script), str(tiny_root), str(out), repr(model_args), str(EVERY_N_STEPS)],
+        [sys.executable, str(script), str(tiny_root), str(out), repr(model_args), str(EVERY_N_STEPS), pause_in],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     last = out / "checkpoints" / "last.ckpt"
+    signal_file = last if pause_in == "training" else out / "calibrating"
     deadline = time.monotonic() + timeout
     try:
-        while not last.exists():
+        while not signal_file.exists():
             assert process.poll() is None, process.communicate()[0][-4000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
@@ -153,6 +161,11 @@ def test_killed_training_resumes_from_checkpoint(tiny_root: Path, tmp_path: Path
     assert probe.train_batches == budget - killed_at
     assert probe.validations == 1
     assert torch.isfinite(model.post_processor._image_threshold)
+    # The checkpoint of the last iteration was saved before that validation, and again after it, complete.
+    final = torch.load(engine.trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=False)
+    assert final["global_step"] == budget
+    assert not final["smai_calibration_stale"]
+    assert torch.isfinite(final["state_dict"]["post_processor._image_threshold"])
 
     # The random state (holes, shuffling) comes from the checkpoint, not from the new process:
     # resuming again after another seed ends with the same weights.
@@ -166,3 +179,27 @@ def test_killed_training_resumes_from_checkpoint(tiny_root: Path, tmp_path: Path
     )
     with pytest.warns(UserWarning, match=rf"checkpoint of step {killed_at}, not the model .* to step {budget}"):
         again_engine.test(again, datamodule=datamodule, ckpt_path=last)
+
+
+def test_killed_while_calibrating_resumes_to_a_checkpoint_that_exports(tiny_root: Path, tmp_path: Path) -> None:
+    """Killed after its last iteration, while it calibrates: the resumed fit validates, calibrates, saves."""
+    last = start_and_kill(tiny_root, tmp_path / "run", pause_in="calibration")
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == MAX_STEPS  # the budget is spent: Lightning skips the training loop
+    assert checkpoint["smai_calibration_stale"]
+
+    engine, model, probe = resume(tiny_root, last, tmp_path / "resumed", seed=1)
+    assert probe.train_batches == 0
+    assert probe.validations == 1  # the validation the kill cut short
+    assert not model.needs_calibration
+    assert torch.isfinite(model.post_processor._image_threshold)
+    # The checkpoint resumed from is written again, complete: same weights, calibrated, thresholds fitted.
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert not saved["smai_calibration_stale"]
+    assert torch.isfinite(saved["state_dict"]["post_processor._image_threshold"])
+    generator = [key for key in checkpoint["state_dict"] if key.startswith("model.generator.")]
+    assert_same({k: saved["state_dict"][k] for k in generator}, {k: checkpoint["state_dict"][k] for k in generator})
+    loaded = Smai.load_from_checkpoint(last)
+    assert not loaded.needs_calibration
+    exported = engine.export(model=loaded, export_type="torch", export_root=tmp_path / "export")
+    assert exported.is_file()

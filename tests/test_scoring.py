@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from smai_plugin.anomaly_map import AnomalyMapGenerator
+from smai_plugin.anomaly_map import AnomalyMapGenerator, smooth
 from smai_plugin.pennet import PenNetGenerator
 from smai_plugin.schedule import ScoringMode, pass_holes, window_index
 from smai_plugin.similarity import ScoreMeasure
@@ -88,7 +88,7 @@ def test_each_pixel_is_scored_in_its_own_pass_and_chunking_is_invisible() -> Non
 def test_smoothing_and_bad_settings() -> None:
     spike = torch.zeros(1, 1, 64, 64)
     spike[..., 32, 32] = 1
-    smoothed = AnomalyMapGenerator(sigma=4).smooth(spike)
+    smoothed = smooth(spike, sigma=4)
     assert 0 < smoothed.max() < 0.05
     assert smoothed.sum() == pytest.approx(1.0, rel=1e-3)
     with pytest.raises(ValueError, match="score_measure"):

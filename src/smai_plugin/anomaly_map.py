@@ -50,7 +50,7 @@ from ._config import check_int, parse_enum
 from .errors import SmaiInputError
 from .pennet import composite
 from .schedule import crop_passes
-from .similarity import Dissimilarity, ScoreMeasure
+from .similarity import Dissimilarity, PretrainedFeatures, ScoreMeasure
 
 
 class Comparison(str, Enum):
@@ -73,15 +73,16 @@ class AnomalyMapGenerator(nn.Module):
 
     Args:
         score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): One measure or a
-            list (see :class:`~smai_plugin.similarity.ScoreMeasure`). Defaults to ``"ssim"``.
+            list of those that compare the inpainting with the original (see
+            :class:`~smai_plugin.similarity.Dissimilarity`). Defaults to ``"ssim"``.
         comparison (Comparison | str): ``"per_pass"`` or ``"reconstruction"``; ``features``
-            and ``memory`` need ``"reconstruction"``. Defaults to ``"per_pass"``.
+            needs ``"reconstruction"``. Defaults to ``"per_pass"``.
         passes_per_batch (int): Most passes per image in one generator call (the call inpaints
             ``B * passes_per_batch`` images); bounds memory. Defaults to ``16``.
         sigma (float): Standard deviation of the Gaussian smoothing of the maps; ``0`` turns
             smoothing off. Defaults to ``4.0``.
-        memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
-            level (see :mod:`smai_plugin.memory`). Defaults to ``4096``.
+        pretrained (PretrainedFeatures | None): The backbone of the ``features`` measure, if
+            shared (see :class:`~smai_plugin.similarity.Dissimilarity`). Defaults to ``None``.
 
     """
 
@@ -91,14 +92,13 @@ class AnomalyMapGenerator(nn.Module):
         comparison: Comparison | str = Comparison.PER_PASS,
         passes_per_batch: int = 16,
         sigma: float = 4.0,
-        memory_size: int = 4096,
+        pretrained: PretrainedFeatures | None = None,
     ) -> None:
         super().__init__()
         self.comparison = parse_enum(Comparison, comparison, "comparison")
-        self.dissimilarity = Dissimilarity(score_measure, memory_size)
-        whole_image = [m.value for m in self.measures if m in (ScoreMeasure.FEATURES, ScoreMeasure.MEMORY)]
-        if self.comparison == Comparison.PER_PASS and whole_image:
-            msg = f"score_measure {whole_image} compares whole images: use it with comparison='reconstruction'."
+        self.dissimilarity = Dissimilarity(score_measure, pretrained)
+        if self.comparison == Comparison.PER_PASS and ScoreMeasure.FEATURES in self.measures:
+            msg = "score_measure 'features' compares whole images: use it with comparison='reconstruction'."
             raise SmaiInputError(msg)
         check_int(passes_per_batch, "passes_per_batch")
         if sigma < 0:
@@ -118,7 +118,6 @@ class AnomalyMapGenerator(nn.Module):
         images: torch.Tensor,
         holes: torch.Tensor,
         window: tuple[int, int] | None = None,
-        leave_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Inpaint every pass and compare the inpaintings with the images.
 
@@ -129,9 +128,6 @@ class AnomalyMapGenerator(nn.Module):
                 the map comes from the passes whose hole covers it.
             window (tuple[int, int] | None): Crop ``(h, w)`` around its hole that each pass
                 inpaints, at most ``(H, W)``; ``None`` inpaints the whole image. Defaults to ``None``.
-            leave_out (torch.Tensor | None): For the images the feature memory was fitted on,
-                their numbers in that fit, ``(B,)``: the ``memory`` measure leaves each image's
-                own features out. Defaults to ``None``.
 
         Returns:
             torch.Tensor: Smoothed difference maps ``(B, M, H, W)``, one channel per measure.
@@ -159,19 +155,20 @@ class AnomalyMapGenerator(nn.Module):
             total = total.scatter_add(2, index.flatten(1)[:, None].expand(-1, channels, -1), values.flatten(2))
         total = total.reshape(batch, channels, height, width)
         if per_pass:
-            return self.smooth(total)
+            return smooth(total, self.sigma)
         inpainted, covered = total[:, :-1], total[:, -1:]
         # Pixels no pass inpainted (outside every window) keep the original: they score 0.
         reconstruction = inpainted / covered.clamp(min=1) + images * (covered == 0)
-        return self.smooth(self.dissimilarity(reconstruction, images, leave_out))
+        return smooth(self.dissimilarity(reconstruction, images), self.sigma)
 
-    def smooth(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """Gaussian smoothing with ``sigma`` (kornia); identity when ``sigma`` is 0."""
-        if self.sigma == 0:
-            return anomaly_map
-        kernel = 2 * int(4.0 * self.sigma + 0.5) + 1
-        # Each measure's map blurred as an image of its own: the grouped convolution that several
-        # channels would need never finishes in OpenVINO's bf16 CPU inference (2026.4, measured).
-        batch, channels, height, width = anomaly_map.shape
-        maps = anomaly_map.reshape(batch * channels, 1, height, width)
-        return gaussian_blur2d(maps, (kernel, kernel), (self.sigma, self.sigma)).reshape(batch, channels, height, width)
+
+def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of maps ``(B, M, H, W)`` with ``sigma`` (kornia); identity when ``sigma`` is 0."""
+    if sigma == 0:
+        return maps
+    kernel = 2 * int(4.0 * sigma + 0.5) + 1
+    # Each measure's map blurred as an image of its own: the grouped convolution that several
+    # channels would need never finishes in OpenVINO's bf16 CPU inference (2026.4, measured).
+    batch, channels, height, width = maps.shape
+    flat = maps.reshape(batch * channels, 1, height, width)
+    return gaussian_blur2d(flat, (kernel, kernel), (sigma, sigma)).reshape(batch, channels, height, width)

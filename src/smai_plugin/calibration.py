@@ -14,9 +14,11 @@ into large scores.
 
 Standardising helps the image score most; the map itself localises defects better before it
 (a defect where normal residuals are high, on a bottle's rim, shrinks with them), so
-:class:`Calibration` offers both: ``score`` standardises for the image score only and divides
-the map by the normal images' mean residual (which puts several measures on one scale), ``map``
-standardises the map too.
+:class:`Calibration` offers both: ``score`` standardises for the image score only and puts each
+measure's map on the scale of its *normal level*, the value its normal maps exceed in only
+``LEVEL_QUANTILE`` (0.1%) of their pixels; ``map`` standardises the map too. On that scale a value
+above 1 is more than any normal image shows (see :class:`~smai_plugin.torch_model.SmaiModel` for
+how the measures are combined).
 
 The statistics are buffers: they travel in checkpoints and are constants of the exported graph.
 :class:`SmaiCalibrationMixin` fits them as part of training: the Lightning model calibrates on
@@ -26,13 +28,14 @@ Example:
     >>> statistics = NormalStatistics()
     >>> normal = [torch.rand(4, 2, 8, 8) for _ in range(3)]  # batches of 2-measure maps
     >>> statistics.fit(normal)
-    >>> statistics.mean.shape, statistics.is_fitted
-    (torch.Size([1, 2, 8, 8]), True)
+    >>> statistics.mean.shape, statistics.level.shape, statistics.is_fitted
+    (torch.Size([1, 2, 8, 8]), torch.Size([1, 2, 1, 1]), True)
     >>> statistics(torch.rand(1, 2, 8, 8)).shape
     torch.Size([1, 2, 8, 8])
 
 """
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 
@@ -55,6 +58,10 @@ def resize_to_saved(module: nn.Module, state_dict: dict, prefix: str, names: Ite
             setattr(module, name, getattr(module, name).new_empty(state_dict[f"{prefix}{name}"].shape))
 
 
+MIN_CALIBRATION_IMAGES = 2  # a spread needs two maps
+FEW_CALIBRATION_IMAGES = 10  # below this SMAI warns that its calibration is rough
+
+
 class Calibration(str, Enum):
     """How the normal statistics are used.
 
@@ -69,8 +76,12 @@ class Calibration(str, Enum):
     MAP = "map"
 
 
+LEVEL_QUANTILE = 0.999  # a measure's normal level: exceeded by 0.1% of the normal maps' pixels
+LEVEL_STRIDE = 4  # every 4th pixel of each (smoothed) map, each way, estimates the level
+
+
 class NormalStatistics(nn.Module):
-    """Per-pixel mean and spread of normal difference maps; standardises maps with them.
+    """Per-pixel mean and spread of normal difference maps, and each measure's normal level.
 
     Args:
         floor_quantile (float): The spread is at least this quantile of the spread over all
@@ -87,22 +98,33 @@ class NormalStatistics(nn.Module):
         # Empty until fitted; resized to the checkpoint's statistics when one is loaded.
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("spread", torch.empty(0))
+        self.register_buffer("level", torch.empty(0))
         self.mean: torch.Tensor
         self.spread: torch.Tensor
+        self.level: torch.Tensor
+        self.register_load_state_dict_post_hook(self._level_may_be_missing)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        resize_to_saved(self, state_dict, prefix, ("mean", "spread"))
+        resize_to_saved(self, state_dict, prefix, ("mean", "spread", "level"))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @staticmethod
+    def _level_may_be_missing(module: nn.Module, incompatible_keys: nn.modules.module._IncompatibleKeys) -> None:
+        """Let statistics saved before the normal level existed load: they count as unfitted, and refit."""
+        del module
+        for key in [key for key in incompatible_keys.missing_keys if key.endswith("normal_statistics.level")]:
+            incompatible_keys.missing_keys.remove(key)
 
     @property
     def is_fitted(self) -> bool:
         """Whether statistics have been fitted (or loaded)."""
-        return self.mean.numel() > 0
+        return self.mean.numel() > 0 and self.level.numel() > 0
 
     def reset(self) -> None:
         """Forget the statistics."""
         self.mean = self.mean.new_empty(0)
         self.spread = self.spread.new_empty(0)
+        self.level = self.level.new_empty(0)
 
     @torch.no_grad()
     def fit(self, maps: Iterable[torch.Tensor]) -> None:
@@ -115,8 +137,9 @@ class NormalStatistics(nn.Module):
             ValueError: If ``maps`` is empty or has fewer than two images.
 
         """
-        count, total, squares = 0, 0.0, 0.0
+        count, total, squares, samples = 0, 0.0, 0.0, []
         for batch in maps:
+            samples.append(batch[..., ::LEVEL_STRIDE, ::LEVEL_STRIDE].transpose(0, 1).flatten(1))
             batch = batch.double()  # sums of squares over many images: float64 keeps the variance exact
             total = total + batch.sum(0, keepdim=True)
             squares = squares + batch.square().sum(0, keepdim=True)
@@ -129,6 +152,10 @@ class NormalStatistics(nn.Module):
         floor = spread.flatten(2).quantile(self.floor_quantile, dim=2)[..., None, None]
         self.mean = mean.to(self.mean.dtype)
         self.spread = torch.maximum(spread, floor).clamp(min=torch.finfo(torch.float32).tiny).to(self.spread.dtype)
+        values = torch.cat(samples, dim=1)  # (M, sampled pixels)
+        rank = min(values.shape[1], math.ceil(LEVEL_QUANTILE * values.shape[1]))
+        level = values.kthvalue(rank, dim=1).values.clamp(min=torch.finfo(torch.float32).tiny)
+        self.level = level.reshape(1, -1, 1, 1).to(self.mean.dtype)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Standardise ``maps`` ``(B, M, H, W)``: ``(maps - mean) / spread``.
@@ -141,23 +168,31 @@ class NormalStatistics(nn.Module):
         return (maps - self.mean) / self.spread
 
     def scale(self, maps: torch.Tensor) -> torch.Tensor:
-        """Divide each measure's map by its mean over the normal images and their pixels.
+        """Divide each measure's map by its normal level (exceeded by 0.1% of the normal maps' pixels).
 
         Raises:
             ValueError: If the statistics are missing or were fitted on maps of another shape.
 
         """
         self._check(maps)
-        return maps / self.mean.mean(dim=(2, 3), keepdim=True).clamp(min=torch.finfo(maps.dtype).tiny)
+        return maps / self.level
 
     def _check(self, maps: torch.Tensor) -> None:
         if not self.is_fitted:
             msg = "The normal statistics are not fitted: SMAI calibrates on the training images when fitting."
             raise SmaiInputError(msg)
-        if maps.shape[1:] != self.mean.shape[1:]:
+        if maps.shape[1] != self.mean.shape[1]:
             msg = (
-                f"Maps of shape {tuple(maps.shape[1:])} (measures, height, width) cannot be calibrated with "
-                f"statistics fitted on {tuple(self.mean.shape[1:])}: score images at the size the model was trained at."
+                f"The normal statistics were fitted for {self.mean.shape[1]} score measure(s), but the model now "
+                f"scores with {maps.shape[1]}: score_measure changed since the calibration (e.g. a checkpoint loaded "
+                "with another score_measure). Score through anomalib's Engine with the training images, which "
+                "calibrates again, or keep the checkpoint's score_measure."
+            )
+            raise SmaiInputError(msg)
+        if maps.shape[2:] != self.mean.shape[2:]:
+            msg = (
+                f"Maps of {maps.shape[2]}x{maps.shape[3]} pixels cannot be calibrated with statistics fitted on "
+                f"{self.mean.shape[2]}x{self.mean.shape[3]}: score images at the size the model was trained at."
             )
             raise SmaiInputError(msg)
 
@@ -215,6 +250,30 @@ class SmaiCalibrationMixin:
         rank_zero_info(f"SMAI: calibrating on the {len(dataset)} normal training images.")
         self.model.calibrate(_Prepared(loader, self._calibration_images))
         self._calibration_stale = False
+
+    def check_calibration_images(self) -> None:
+        """Before training: refuse too few normal training images to calibrate on, warn when they are few.
+
+        Raises:
+            ValueError: If the model calibrates and the training split has fewer than two images.
+
+        """
+        dataset = getattr(self.trainer.datamodule, "train_data", None)
+        if self.model.calibration == Calibration.NONE or dataset is None:
+            return
+        count = len(dataset)
+        if count < MIN_CALIBRATION_IMAGES:
+            msg = (
+                f"SMAI calibrates on its normal training images after training and needs at least "
+                f"{MIN_CALIBRATION_IMAGES}, got {count}: add training images (tens are typical), or train without "
+                "calibration (calibration='none' with one score_measure other than 'memory')."
+            )
+            raise SmaiInputError(msg)
+        if count < FEW_CALIBRATION_IMAGES:
+            rank_zero_warn(
+                f"SMAI calibrates on only {count} normal training images: its normal statistics (and feature memory) "
+                f"are rough, so scores and thresholds are less reliable. {FEW_CALIBRATION_IMAGES} or more are better."
+            )
 
     @property
     def needs_calibration(self) -> bool:

@@ -32,7 +32,11 @@ Example:
 
 """
 
+import json
+import re
 import zipfile
+from contextvars import ContextVar
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +46,29 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .anomaly_map import Comparison
 from .calibration import Calibration
-from .errors import MissingCheckpointError, SmaiInputError
+from .errors import MissingCheckpointError, SmaiInputError, listing
 from .schedule import ScoringMode
 from .similarity import ScoreMeasure
 
 __all__ = ["CheckedCheckpointIO", "SmaiCheckpointMixin", "check_checkpoint_file"]
+
+# The file ``load_from_checkpoint`` reads, for messages from the hooks it calls (a trainer knows its ckpt_path).
+_loading: ContextVar[str | None] = ContextVar("smai_loading_checkpoint", default=None)
+
+
+def _shell(value: Any) -> str:
+    """Write a plain setting as a command-line value (JSON, quoted unless it is one word)."""
+    text = json.dumps(value)
+    return text if re.fullmatch(r"[\w.+-]+", text) else f"'{text}'"
+
+
+def _plain(value: Any) -> Any:
+    """Turn a setting into plain data, for comparing and printing (enums by value, tuples as lists)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
 def check_checkpoint_file(path: str | Path) -> None:
@@ -88,6 +110,11 @@ def check_checkpoint_file(path: str | Path) -> None:
 class CheckedCheckpointIO(CheckpointIO):
     """A trainer's checkpoint reader and writer that checks files before reading them.
 
+    It also remembers the checkpoints it wrote or read that lack the calibration after training
+    (saved at an iteration, before the validation that calibrates), with their step, so that the
+    model can write them again once that validation has run (see
+    :meth:`SmaiCheckpointMixin.save_completed_checkpoints`).
+
     Args:
         inner (CheckpointIO): The reader and writer it wraps (anomalib's, or Lightning's default).
 
@@ -95,20 +122,32 @@ class CheckedCheckpointIO(CheckpointIO):
 
     def __init__(self, inner: CheckpointIO) -> None:
         self.inner = inner
+        self.uncalibrated: dict[str, int] = {}  # path -> global step
+
+    def _remember(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        if checkpoint.get("smai_calibration_stale"):
+            self.uncalibrated[str(path)] = checkpoint.get("global_step", -1)
+        else:
+            self.uncalibrated.pop(str(path), None)
 
     def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Check a local file with :func:`check_checkpoint_file`, then read it with the wrapped reader."""
-        if Path(path).is_file():  # local files only: Lightning names missing ones, torch fetches URLs
-            check_checkpoint_file(path)
-        return self.inner.load_checkpoint(path, *args, **kwargs)
+        if not Path(path).is_file():  # Lightning names missing files, torch fetches URLs
+            return self.inner.load_checkpoint(path, *args, **kwargs)
+        check_checkpoint_file(path)
+        checkpoint = self.inner.load_checkpoint(path, *args, **kwargs)
+        self._remember(checkpoint, path)
+        return checkpoint
 
-    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, *args: Any, **kwargs: Any) -> None:
         """Save with the wrapped writer."""
-        self.inner.save_checkpoint(*args, **kwargs)
+        self.inner.save_checkpoint(checkpoint, path, *args, **kwargs)
+        self._remember(checkpoint, path)
 
-    def remove_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+    def remove_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> None:
         """Remove with the wrapped writer."""
-        self.inner.remove_checkpoint(*args, **kwargs)
+        self.inner.remove_checkpoint(path, *args, **kwargs)
+        self.uncalibrated.pop(str(path), None)
 
     def teardown(self) -> None:
         """Tear down the wrapped reader and writer."""
@@ -136,7 +175,63 @@ class SmaiCheckpointMixin:
         """
         if "://" not in str(checkpoint_path):  # URLs go to torch as they are
             check_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        token = _loading.set(str(checkpoint_path))
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _loading.reset(token)
+
+    def _refuse_other_weights(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in a few lines, a checkpoint whose weights do not fit this model (before torch lists them all).
+
+        Another model's checkpoint names its hyper-parameters; a SMAI checkpoint of other
+        settings names the settings that differ and the arguments that load it.
+        """
+        saved = checkpoint.get("state_dict")
+        if saved is None:
+            return
+        trainer = self._trainer
+        path = (trainer.ckpt_path if trainer is not None else None) or _loading.get()
+        saved_settings = checkpoint.get("hyper_parameters", {})
+        if not any(key.startswith("model.generator.") for key in saved):
+            keys = ", ".join(sorted(saved_settings)) or "none"
+            own_keys = [key for key in saved if key.startswith("model.")] or list(saved)
+            msg = (
+                f"The checkpoint {path} does not hold a SMAI model (its weights: {listing(own_keys)}; its "
+                f"settings: {keys}): it was saved by another model. Load it with that model (e.g. --model Padim), "
+                "or pass a SMAI checkpoint."
+            )
+            raise SmaiInputError(msg)
+        own = self.state_dict()
+        fitted = ("normal_statistics.", "memory.bank")  # sized by the data they were fitted on
+        differ = [
+            key
+            for key in saved.keys() & own.keys()
+            if saved[key].shape != own[key].shape and not any(name in key for name in fitted)
+        ]
+        if not differ:
+            return
+        current = dict(self.hparams)
+        changed = {
+            name: (_plain(value), _plain(current[name]))
+            for name, value in saved_settings.items()
+            if name in current and _plain(current[name]) != _plain(value)
+        }
+        if not changed:  # settings overridden when loading (load_from_checkpoint(path, base_channels=...))
+            msg = (
+                f"The checkpoint {path} holds SMAI weights of other shapes than this model's ({listing(differ)}): "
+                "load it with the settings it was trained with (do not override base_channels, "
+                "discriminator_channels or local_attention)."
+            )
+            raise SmaiInputError(msg)
+        listed = ", ".join(f"{name}={saved!r} (here {here!r})" for name, (saved, here) in changed.items())
+        arguments = " ".join(f"--model.{name} {_shell(saved)}" for name, (saved, _) in changed.items())
+        msg = (
+            f"The checkpoint {path} holds a SMAI model trained with other settings: {listed}. Load it with the "
+            f"training's settings: on the command line add {arguments} (or the training's --config); in Python, "
+            "Smai.load_from_checkpoint(path) reads them from the checkpoint."
+        )
+        raise SmaiInputError(msg)
 
     def _map_settings(self) -> dict[str, Any]:
         """Collect the torch model's map settings and the image size the pre-processor resizes to."""
@@ -159,6 +254,7 @@ class SmaiCheckpointMixin:
         The evaluator's entries are replaced by this model's own: metrics hold no learnt state, and a
         checkpoint trained with other metrics (a config's AUPRO keeps a buffer) must still load.
         """
+        self._refuse_other_weights(checkpoint)
         super().on_load_checkpoint(checkpoint)
         if "state_dict" in checkpoint:
             weights = {
@@ -202,3 +298,22 @@ class SmaiCheckpointMixin:
             if rng_state["cuda"] and len(rng_state["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng_state["cuda"])
             self._saved_rng_state = None
+
+    def save_completed_checkpoints(self) -> None:
+        """Write the checkpoints of the last iteration again, now with the calibration after training.
+
+        A checkpoint callback that saves every N iterations (or ``save_last``) writes the last
+        iteration's checkpoint before the validation that calibrates and fits the thresholds, and
+        a fit resumed from such a checkpoint starts at its end; called after that validation, this
+        writes every such file of the current step again, complete (they hold the same weights),
+        so that it tests and exports without calibrating.
+        """
+        trainer = self.trainer
+        checkpoint_io = trainer.strategy.checkpoint_io
+        step = trainer.global_step
+        paths = []
+        if isinstance(checkpoint_io, CheckedCheckpointIO):
+            paths = sorted(path for path, saved in checkpoint_io.uncalibrated.items() if saved == step)
+        for path in trainer.strategy.broadcast(paths, src=0):  # every process saves (Lightning's barrier)
+            rank_zero_info(f"SMAI: saving {path} again, with the calibration and thresholds fitted after training.")
+            trainer.save_checkpoint(path)

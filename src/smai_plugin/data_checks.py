@@ -44,7 +44,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import SmaiInputError
+from .errors import SmaiInputError, listing
 
 __all__ = [
     "HIGH_BIT_DEPTH_MODES",
@@ -119,15 +119,10 @@ def skipped_training_files(folder: str | Path) -> list[Path]:
     ]
 
 
-def _listing(items: list) -> str:
-    """List the first three items, comma-separated, with "..." when there are more."""
-    return ", ".join(map(str, items[:3])) + (", ..." if len(items) > 3 else "")
-
-
 def _skipped_note(skipped: list[Path]) -> str:
     if not skipped:
         return ""
-    names = _listing([path.name for path in skipped])
+    names = listing([path.name for path in skipped])
     return (
         f" anomalib's MVTecAD layout skips {len(skipped)} file(s) in {skipped[0].parent} ({names}): it reads .png "
         "files only, and no symbolic links that lead outside the dataset folder. Convert them to PNG, or copy "
@@ -219,7 +214,7 @@ def _refuse_unmatched(images: list[Path], masks: list[Path], where: str) -> None
     unmatched = [image for image in images if not any(image.stem in stem for stem in mask_stems)]
     if unmatched:
         msg = (
-            f"{len(unmatched)} defective test image(s) have no mask {where}: {_listing(unmatched)}. "
+            f"{len(unmatched)} defective test image(s) have no mask {where}: {listing(unmatched)}. "
             "Every defective image needs a mask to compute pixel metrics: add the masks, or move the images "
             "out of the dataset."
         )
@@ -230,24 +225,41 @@ def _refuse_broken_links(files: Iterable[Path]) -> None:
     broken = [path for path in files if path.is_symlink() and not path.exists()]
     if broken:
         msg = (
-            f"{len(broken)} broken symbolic link(s) in the dataset: {_listing(broken)}. "
+            f"{len(broken)} broken symbolic link(s) in the dataset: {listing(broken)}. "
             "Remove them or restore their targets."
         )
         raise SmaiInputError(msg)
 
 
+def _read_as_defective(folder: Path, image: Path) -> bool:
+    """Whether anomalib's MVTecAD layout would take ``image`` for a defective image it cannot read.
+
+    anomalib reads the last three parts of every PNG's path as ``<split>/<label>/<name>`` and
+    rebuilds the path from them: a label other than ``good`` marks a defective image, which
+    needs a mask (only ``test/<defect>/`` images get one; elsewhere anomalib fails with a
+    nameless ``TypeError``), and a used split (``train``, ``test``, ``ground_truth``) deeper or
+    shallower than ``<category>/<split>/<label>/`` leads to a path that does not exist. Images
+    labelled ``good`` in other splits (MVTec 3D-AD's ``validation/good``) are read and left out
+    of every split anomalib uses: harmless.
+    """
+    split, label = image.parts[-3], image.parts[-2]
+    used = {"train", "test", "ground_truth"}
+    if split not in used:
+        return label != "good"
+    standard = len(image.relative_to(folder).parts) == 3
+    return not standard or (split == "train" and label != "good")
+
+
 def _refuse_stray_images(folder: Path, images: list[Path]) -> None:
-    """Refuse images the MVTecAD layout would misread: it reads every PNG as ``<split>/<label>/<name>``."""
-    stray = [
-        path
-        for path in images
-        if len(rel := path.relative_to(folder).parts) != 3 or rel[0] not in {"train", "test", "ground_truth"}
-    ]
+    """Refuse PNGs that anomalib's MVTecAD layout would misread (see :func:`_read_as_defective`)."""
+    stray = [path for path in images if _read_as_defective(folder, path)]
     if stray:
         msg = (
-            f"{len(stray)} image(s) in {folder} are not in train/<label>/, test/<defect>/ or "
-            f"ground_truth/<defect>/: {_listing(stray)}. anomalib's MVTecAD layout reads every .png under the category "
-            "folder and would take them for defective test images without masks: move them out of the folder."
+            f"{len(stray)} image(s) in {folder} are not in train/good/, test/<defect>/, ground_truth/<defect>/ "
+            f"or a <folder>/good/ that anomalib leaves out: {listing(stray)}. anomalib's MVTecAD layout reads "
+            "every .png under the category folder as <split>/<label>/<name> and would take them for defective "
+            "images without masks, and fail: move them out of the folder (or into a folder named good, e.g. "
+            "validation/good, which anomalib ignores)."
         )
         raise SmaiInputError(msg)
 
@@ -259,9 +271,10 @@ def check_layout(datamodule: object) -> None:
     MVTec AD's (anomalib would try to download it); for one of MVTec AD's a warning says that
     anomalib downloads it now (which needs internet). A defective test image without a mask is
     refused with its path, and so are a broken symbolic link (anomalib would report "missing
-    file path(s)" without a name) and, for MVTecAD, a PNG outside ``train/``, ``test/`` and
-    ``ground_truth/`` (anomalib would take it for a defective image and fail on its missing
-    mask with a ``TypeError``). Other data modules are left alone.
+    file path(s)" without a name) and, for MVTecAD, a PNG that anomalib would take for a
+    defective image without a mask and fail on with a ``TypeError`` (see
+    :func:`_read_as_defective`); images in other splits' ``good`` folders (``validation/good``),
+    which anomalib leaves out, are accepted. Other data modules are left alone.
 
     Args:
         datamodule (object): The trainer's data module (or ``None``).

@@ -21,7 +21,7 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["SmaiInputError"]
+__all__ = ["SmaiInputError", "listing"]
 
 TRACEBACK_VARIABLE = "SMAI_TRACEBACK"
 _refusals: list[str] = []  # messages refused in this process, to find them inside other errors' text
@@ -39,6 +39,17 @@ class SmaiInputError(ValueError):
 
 class MissingCheckpointError(SmaiInputError, FileNotFoundError):
     """A checkpoint path with no file behind it (also a ``FileNotFoundError``)."""
+
+
+def listing(items: list) -> str:
+    """List the first three items for a message, comma-separated, with "..." when there are more.
+
+    Example:
+        >>> listing(["a.png", "b.png", "c.png", "d.png"])
+        'a.png, b.png, c.png, ...'
+
+    """
+    return ", ".join(map(str, items[:3])) + (", ..." if len(items) > 3 else "")
 
 
 def refusal_in(error: BaseException) -> str | None:

@@ -20,6 +20,7 @@ Example:
 from pathlib import Path
 
 from anomalib.deploy import CompressionType
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from .errors import SmaiInputError
 
@@ -40,10 +41,11 @@ def cpu_has_bf16() -> bool:
 class SmaiExportMixin:
     """Export methods of :class:`~smai_plugin.Smai`, checked before anomalib's ``ExportMixin`` runs.
 
-    Mixed in before ``AnomalibModule``; needs the model's ``needs_calibration``.
+    Mixed in before ``AnomalibModule``; needs the model's ``needs_calibration`` and ``_trained_on``.
     """
 
     needs_calibration: bool
+    _trained_on: str | None
 
     def to_onnx(
         self,
@@ -92,7 +94,12 @@ class SmaiExportMixin:
         return super().to_torch(*args, **kwargs)
 
     def _check_calibrated(self) -> None:
-        """Refuse to export a calibrating model whose statistics are missing or stale."""
+        """Refuse to export a calibrating model whose statistics are missing or stale; warn for an untrained one."""
+        if self._trained_on is None:
+            rank_zero_warn(
+                "Exporting a SMAI model that was never trained: PEN-Net's weights are random, so its scores mean "
+                "nothing. Export after fitting, or from a trained checkpoint (--ckpt_path)."
+            )
         if self.needs_calibration:
             msg = (
                 "SMAI's normal statistics are missing or older than its weights, so the export would score "

@@ -42,6 +42,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -64,6 +65,13 @@ DEFAULT_IMAGE_SIZE = (256, 256)  # the paper's
 
 def _no_closure() -> None:
     """Closure of an optimiser step whose gradients are already computed."""
+
+
+def _square(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Read an int size as a square, as anomalib's models read an int ``image_size``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return (size, size)
+    return size
 
 
 class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiExportMixin, AnomalibModule):
@@ -129,13 +137,21 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             computed at inference, in ``(0, 1]``. Defaults to ``1.0``.
         window_size (int): With ``scoring="windowed"``, side of the crop around each superpixel
             that is inpainted, in training and scoring; a multiple of 64. Defaults to ``64``.
-        memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
-            feature level (a random, seeded share of the training images' positions; see
-            :mod:`smai_plugin.memory`). Defaults to ``4096``.
+        memory_size (int): With the ``memory`` measure, most normal patch vectors the memory
+            keeps (see :mod:`smai_plugin.memory`). Defaults to ``4096``.
+        memory_sampling (str): How the memory chooses them from the training images' patches:
+            ``"coreset"`` (greedy k-center, as PatchCore: rare normal patches stay covered) or
+            ``"random"`` (a seeded sample). Defaults to ``"coreset"``.
+        memory_neighbourhood (int): Side of the window the memory's features are averaged over
+            (PatchCore's locally aware patches; odd, ``1``: none). Defaults to ``3``.
         image_score_measure (str | Sequence[str] | None): The measure(s) of ``score_measure``
-            whose calibrated maps give the image score (``"memory"``: the memory decides which
-            images are anomalous, every measure shapes the anomaly map); ``None`` takes them all.
-            Defaults to ``None``.
+            whose calibrated maps give the image score; every measure shapes the anomaly map.
+            ``None`` takes ``"memory"`` where it is measured (it ranks images best on every
+            category measured, docs/quality.md), else all. Defaults to ``None``.
+        inpaint_size (int | tuple[int, int] | None): Size the images are resized to (from
+            ``image_size``) for the superpixels, PEN-Net and the inpainting's measures, whose maps
+            are resized back; the memory sees the images at ``image_size``. Multiples of 64;
+            ``None`` inpaints at ``image_size``. Defaults to ``None``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
             (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
@@ -178,7 +194,10 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         attention_budget: float = 1.0,
         window_size: int = 64,
         memory_size: int = 4096,
+        memory_sampling: str = "coreset",
+        memory_neighbourhood: int = 3,
         image_score_measure: str | Sequence[str] | None = None,
+        inpaint_size: int | tuple[int, int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -202,7 +221,10 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             attention_budget=attention_budget,
             window_size=window_size,
             memory_size=memory_size,
+            memory_sampling=memory_sampling,
+            memory_neighbourhood=memory_neighbourhood,
             image_score_measure=image_score_measure,
+            inpaint_size=_square(inpaint_size),
         )
         discriminator = PenNetDiscriminator(discriminator_channels)
         loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)
@@ -214,10 +236,10 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         if learning_rate <= 0:
             msg = f"learning_rate must be positive, got {learning_rate}."
             raise SmaiInputError(msg)
-        if isinstance(image_size, int) and not isinstance(image_size, bool):
-            image_size = (image_size, image_size)  # a square, as anomalib's models read an int size
+        image_size = _square(image_size)
         # The size the default pre-processor resizes to; a custom one is checked on the first batch.
         size = (image_size or DEFAULT_IMAGE_SIZE) if pre_processor is True else None
+        size = model.inpaint_size or size  # the size PEN-Net and the superpixels work at
         self._check_image_size(model, size)
         if size is not None and model.scoring == ScoringMode.WINDOWED and window_size > min(size):
             rank_zero_warn(
@@ -260,7 +282,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
 
     @staticmethod
     def _check_image_size(model: SmaiModel, image_size: tuple[int, int] | None) -> None:
-        """Refuse an ``image_size`` PEN-Net or the superpixels cannot take, before any image is read."""
+        """Refuse a size PEN-Net or the superpixels cannot take (``image_size``, or ``inpaint_size``), early."""
         if image_size is None:  # a custom pre-processor: SmaiModel checks each batch
             return
         if len(image_size) != 2:
@@ -286,9 +308,33 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
                 rank_zero_info("SMAI: enabling DDP's find_unused_parameters (separate generator/discriminator steps).")
             ddp_kwargs["find_unused_parameters"] = True
 
+    def on_fit_start(self) -> None:
+        """Before the first iteration: check the data files and that there are images to calibrate on."""
+        super().on_fit_start()
+        self.check_calibration_images()
+
     def on_validation_start(self) -> None:
         """Calibrate before scoring (see :meth:`calibrate`)."""
         self.calibrate()
+
+    def on_validation_end(self) -> None:
+        """After the validation that ends training: complete the checkpoints saved just before it."""
+        if self.trainer.state.fn in {TrainerFn.FITTING, TrainerFn.VALIDATING}:
+            self.save_completed_checkpoints()
+
+    def on_fit_end(self) -> None:
+        """Validate (and so calibrate) a fit that resumed from a checkpoint saved at the end of its budget.
+
+        Lightning skips the whole training loop, with the validation that follows it, when the
+        checkpoint it resumes from has already reached ``max_steps``: a run killed while it
+        calibrated after its last iteration. The validation runs here instead, and the checkpoint
+        resumed from is written again with its results (:meth:`save_completed_checkpoints`).
+        """
+        trainer = self.trainer
+        finished = not trainer.interrupted and trainer.global_step >= self._last_iteration()
+        if finished and self.needs_calibration and trainer.datamodule is not None:
+            rank_zero_info("SMAI: training had reached its budget; validating (and calibrating) as it ends.")
+            trainer.validate(self, datamodule=trainer.datamodule, verbose=False)
 
     def on_test_start(self) -> None:
         """Check the test files, calibrate if needed, then score."""

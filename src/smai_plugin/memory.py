@@ -1,147 +1,202 @@
-"""A memory of normal pretrained features: how far each position is from everything normal.
+"""A memory of normal patch features: how far each part of an image is from everything normal.
 
 SMAI's inpainting residual finds what the inpainter cannot restore from the context, but an
-inpainter trained for minutes on a CPU also restores normal detail imperfectly, and a small
-defect that it happens to restore well scores nothing. :class:`FeatureMemory` adds a second,
-independent opinion, the way PatchCore scores: the pretrained features of the image at each
-position (unit vectors of EfficientNet-Lite0 at strides 4, 8 and 16, as the ``features``
-measure uses) are compared with a memory of the features of the normal training images, and
-the distance to the nearest normal vector (``1 - cos``) is the position's value, upsampled to
-the image and summed over the levels. It looks at the original only, never at the inpainting.
+inpainter trained for minutes on a CPU also restores normal detail imperfectly, and a small defect
+that it happens to restore well scores nothing. :class:`FeatureMemory` adds an opinion of its own,
+the way PatchCore scores: every patch of the image is described by pretrained ImageNet features and
+compared with a memory of the patches of the normal training images; its distance to the nearest
+normal patch is its value. It looks at the original image only, never at the inpainting.
 
-The memory is fitted before the calibration, on the same training images: at most ``size``
-vectors per level, drawn at random (with a fixed seed, so every process and every rerun keeps
-the same) from all training positions; 4096 per level scored within 0.004 of the whole memory
-on bottle and hazelnut_toy (README, "Detection quality"). When the calibration scores those
-training images, each image's own vectors are left out of the memory (``leave_out``):
-otherwise its positions would find themselves and its normal maps would be 0.
+A patch's description (:meth:`FeatureMemory.embed`) is PatchCore's *locally aware* feature:
+EfficientNet-Lite0's blocks 2 and 4 (strides 8 and 16, 40 and 112 channels), each averaged over a
+``neighbourhood`` x ``neighbourhood`` window of positions (so a patch also knows its surroundings),
+the coarser level resized to the finer level's grid, and the two concatenated: one 152-value vector
+per 8x8 pixels. Distances are Euclidean: the features' magnitude tells as much as their direction.
+
+The memory is fitted before the calibration, on the same training images. It keeps at most
+``size`` of their patch vectors: a greedy *coreset* (each next vector the one farthest from those
+already kept, so that rare normal patches stay covered; PatchCore's k-center selection) or a seeded
+random sample. When the calibration scores those training images, each image's own vectors are
+left out of the memory (``leave_out``): otherwise its patches would find themselves and its normal
+maps would be 0.
 
 The memory is a buffer: it travels in checkpoints and is a constant of the exported graph.
 
 Example:
-    >>> memory = FeatureMemory(size=100, n_levels=1)
-    >>> normal = [[torch.nn.functional.normalize(torch.rand(2, 4, 8, 8), dim=1)] for _ in range(3)]
-    >>> memory.fit(normal)
-    >>> [bank.shape for bank in memory.banks]
-    [torch.Size([100, 4])]
-    >>> memory(normal[0], size=(32, 32)).shape
-    torch.Size([2, 1, 32, 32])
+    >>> memory = FeatureMemory(size=20)
+    >>> normal = [[torch.rand(2, 40, 8, 8), torch.rand(2, 112, 4, 4)] for _ in range(3)]
+    >>> memory.fit(memory.embed(levels) for levels in normal)
+    >>> memory.bank.shape
+    torch.Size([20, 152])
+    >>> memory(memory.embed(normal[0]), size=(64, 64)).shape
+    torch.Size([2, 1, 64, 64])
 
 """
 
 from collections.abc import Iterable, Sequence
+from enum import Enum
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from ._config import check_int
+from ._config import check_int, parse_enum
 from .calibration import resize_to_saved
 from .errors import SmaiInputError
 
-# Scores of one chunk of query positions against the whole memory stay under this many values
-# per image (16 MB in float32); the chunking depends on the image size and the memory only, so
-# it exports as a fixed loop.
+# Distances of one chunk of query positions to the whole memory stay under this many values per
+# image (16 MB in float32); the chunking depends on the image size and the memory only, so it
+# exports as a fixed loop.
 CHUNK_VALUES = 2**22
 SEED = 0
 
 
-def upsampled_sum(level_maps: Iterable[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Resize per-level maps ``(B, 1, h, w)`` to ``size`` (bilinear) and add them up."""
-    total = None
-    for level in level_maps:
-        level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-        total = level if total is None else total + level
-    return total
+class MemorySampling(str, Enum):
+    """How the memory picks the patch vectors it keeps: ``coreset`` (greedy k-center) or ``random``."""
+
+    CORESET = "coreset"
+    RANDOM = "random"
+
+
+def greedy_coreset(vectors: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Choose ``count`` of ``vectors`` that cover them all: each next one the farthest from those chosen.
+
+    The first is drawn with ``generator``. Every vector then lies within the largest
+    nearest-chosen distance of some chosen vector, which the greedy choice keeps small (PatchCore's
+    k-center selection, without its random projection).
+
+    Args:
+        vectors (torch.Tensor): Candidates ``(N, C)``.
+        count (int): How many to choose; all when ``count >= N``.
+        generator (torch.Generator): Draws the first.
+
+    Returns:
+        torch.Tensor: Sorted indices into ``vectors``.
+
+    Example:
+        >>> points = torch.tensor([[0.0], [0.1], [5.0], [10.0], [10.2]])
+        >>> greedy_coreset(points, 3, torch.Generator().manual_seed(0)).tolist()  # one per cluster
+        [0, 2, 4]
+
+    """
+    if count >= len(vectors):
+        return torch.arange(len(vectors), device=vectors.device)
+    squares = vectors.square().sum(1)
+    chosen = torch.empty(count, dtype=torch.long, device=vectors.device)
+    chosen[0] = int(torch.randint(len(vectors), (1,), generator=generator))
+    nearest = torch.full_like(squares, float("inf"))
+    for step in range(1, count):
+        latest = vectors[chosen[step - 1]]
+        distance = squares - 2 * (vectors @ latest) + latest.square().sum()
+        nearest = torch.minimum(nearest, distance)
+        chosen[step] = nearest.argmax()
+    return chosen.sort().values
 
 
 class FeatureMemory(nn.Module):
-    """Nearest-neighbour distance of features to a memory of normal features, per position.
+    """Distance of every patch of an image to its nearest normal patch.
 
     Args:
-        size (int): Most feature vectors the memory keeps per level. Defaults to ``4096``.
-        n_levels (int): Feature levels. Defaults to ``3``.
+        size (int): Most patch vectors the memory keeps. Defaults to ``4096``.
+        sampling (MemorySampling | str): ``"coreset"`` or ``"random"``. Defaults to ``"coreset"``.
+        neighbourhood (int): Side of the window each level's features are averaged over, odd;
+            ``1`` leaves them as they are. Defaults to ``3``.
 
     """
 
-    def __init__(self, size: int = 4096, n_levels: int = 3) -> None:
+    def __init__(
+        self, size: int = 4096, sampling: MemorySampling | str = MemorySampling.CORESET, neighbourhood: int = 3
+    ) -> None:
         super().__init__()
         self.size = check_int(size, "memory_size")
-        self.n_levels = n_levels
-        # Empty until fitted; resized to a checkpoint's memory when one is loaded. ``source_*``
-        # holds the training image each vector came from, needed only by the calibration that
-        # follows the fit, so it stays out of checkpoints and exports.
-        for level in range(n_levels):
-            self.register_buffer(f"bank_{level}", torch.empty(0))
-            self.register_buffer(f"source_{level}", torch.empty(0, dtype=torch.long), persistent=False)
+        self.sampling = parse_enum(MemorySampling, sampling, "memory_sampling")
+        if check_int(neighbourhood, "memory_neighbourhood") % 2 == 0:
+            msg = f"memory_neighbourhood must be odd (a window centred on each position), got {neighbourhood}."
+            raise SmaiInputError(msg)
+        self.neighbourhood = neighbourhood
+        # Empty until fitted; resized to a checkpoint's memory when one is loaded. ``source`` holds
+        # the training image each vector came from, needed only by the calibration that follows the
+        # fit, so it stays out of checkpoints and exports.
+        self.register_buffer("bank", torch.empty(0))
+        self.register_buffer("source", torch.empty(0, dtype=torch.long), persistent=False)
+        self.bank: torch.Tensor
+        self.source: torch.Tensor
         self.register_load_state_dict_post_hook(self._may_be_missing)
-
-    @property
-    def banks(self) -> list[torch.Tensor]:
-        """The memory of each level, ``(N, C)`` unit vectors."""
-        return [getattr(self, f"bank_{level}") for level in range(self.n_levels)]
 
     @property
     def is_fitted(self) -> bool:
         """Whether the memory has been fitted (or loaded)."""
-        return all(bank.numel() > 0 for bank in self.banks)
+        return self.bank.numel() > 0
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        resize_to_saved(self, state_dict, prefix, (f"bank_{level}" for level in range(self.n_levels)))
+        resize_to_saved(self, state_dict, prefix, ("bank",))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod
     def _may_be_missing(module: nn.Module, incompatible_keys: nn.modules.module._IncompatibleKeys) -> None:
         """Let a checkpoint without a memory load: the memory stays empty, and scoring fits it."""
         del module
-        for key in [key for key in incompatible_keys.missing_keys if key.rsplit(".", 1)[-1].startswith("bank_")]:
+        for key in [key for key in incompatible_keys.missing_keys if key.endswith("bank")]:
             incompatible_keys.missing_keys.remove(key)
 
-    @torch.no_grad()
-    def fit(self, features: Iterable[Sequence[torch.Tensor]]) -> None:
-        """Fill the memory from the features of normal images.
+    def embed(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Describe every patch: each level averaged over the neighbourhood, on the first level's grid, joined.
 
         Args:
-            features (Iterable[Sequence[torch.Tensor]]): Per batch of images, the unit feature
-                maps of each level, ``(B, C, h, w)``. Images are numbered in the order they come
-                (``leave_out`` refers to these numbers).
+            levels (Sequence[torch.Tensor]): Feature maps ``(B, C_i, h_i, w_i)``, finest first.
+
+        Returns:
+            torch.Tensor: ``(B, sum C_i, h_0, w_0)``.
+
+        """
+        size = levels[0].shape[-2:]
+        joined = []
+        for level in levels:
+            if self.neighbourhood > 1:
+                level = F.avg_pool2d(level, self.neighbourhood, stride=1, padding=self.neighbourhood // 2)
+            if level.shape[-2:] != size:
+                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            joined.append(level)
+        return torch.cat(joined, dim=1)
+
+    @torch.no_grad()
+    def fit(self, embeddings: Iterable[torch.Tensor]) -> None:
+        """Fill the memory from the patch embeddings of normal images.
+
+        Args:
+            embeddings (Iterable[torch.Tensor]): Per batch of images, their :meth:`embed`
+                ``(B, C, h, w)``. Images are numbered in the order they come (``leave_out``
+                refers to these numbers).
 
         Raises:
             ValueError: If there are fewer than two images.
 
         """
-        levels: list[list[torch.Tensor]] = [[] for _ in range(self.n_levels)]
-        sources: list[list[torch.Tensor]] = [[] for _ in range(self.n_levels)]
-        count = 0
-        for batch in features:
-            if len(batch) != self.n_levels:
-                msg = f"The feature memory holds {self.n_levels} levels, got features of {len(batch)}."
-                raise SmaiInputError(msg)
-            for level, maps in enumerate(batch):
-                images = torch.arange(count, count + maps.shape[0], device=maps.device)
-                levels[level].append(maps.flatten(2).transpose(1, 2).flatten(0, 1))
-                sources[level].append(images.repeat_interleave(maps.shape[2] * maps.shape[3]))
-            count += batch[0].shape[0]
+        vectors, sources, count = [], [], 0
+        for batch in embeddings:
+            vectors.append(batch.flatten(2).transpose(1, 2).flatten(0, 1))
+            images = torch.arange(count, count + len(batch), device=batch.device)
+            sources.append(images.repeat_interleave(batch.shape[2] * batch.shape[3]))
+            count += len(batch)
         if count < 2:
             msg = f"The feature memory needs at least 2 normal images, got {count}."
             raise SmaiInputError(msg)
+        every, source = torch.cat(vectors).float(), torch.cat(sources)
         generator = torch.Generator().manual_seed(SEED)
-        for level in range(self.n_levels):
-            vectors, source = torch.cat(levels[level]), torch.cat(sources[level])
-            keep = torch.randperm(len(vectors), generator=generator)[: self.size].sort().values.to(vectors.device)
-            setattr(self, f"bank_{level}", vectors[keep].contiguous())
-            setattr(self, f"source_{level}", source[keep])
+        if self.sampling == MemorySampling.CORESET:
+            keep = greedy_coreset(every, self.size, generator)
+        else:
+            keep = torch.randperm(len(every), generator=generator)[: self.size].sort().values.to(every.device)
+        self.bank = every[keep].contiguous()
+        self.source = source[keep]
 
     def forward(
-        self,
-        features: Sequence[torch.Tensor],
-        size: tuple[int, int],
-        leave_out: torch.Tensor | None = None,
+        self, embedding: torch.Tensor, size: tuple[int, int], leave_out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Distance of each position to its nearest normal vector, summed over levels: ``(B, 1, *size)``.
+        """Distance of each patch to its nearest normal patch vector, resized to ``size``: ``(B, 1, *size)``.
 
         Args:
-            features (Sequence[torch.Tensor]): Unit feature maps of each level, ``(B, C, h, w)``.
+            embedding (torch.Tensor): The images' :meth:`embed`, ``(B, C, h, w)``.
             size (tuple[int, int]): Size of the returned map.
             leave_out (torch.Tensor | None): For images the memory was fitted on, their numbers
                 in the fit, ``(B,)``: each image's own vectors are left out. Defaults to ``None``.
@@ -153,20 +208,21 @@ class FeatureMemory(nn.Module):
         if not self.is_fitted:
             msg = "The feature memory is not fitted: SMAI fills it from the training images when fitting."
             raise SmaiInputError(msg)
-        level_maps = []
-        for level, maps in enumerate(features):
-            bank = getattr(self, f"bank_{level}")
-            batch, _, height, width = maps.shape
-            queries = maps.flatten(2).transpose(1, 2)  # (B, hw, C)
-            chunk = max(1, CHUNK_VALUES // len(bank))
-            if leave_out is not None:  # the same for every chunk of an image's positions
-                own = getattr(self, f"source_{level}")[None, None, :] == leave_out[:, None, None]  # (B, 1, N)
-            nearest = []
-            for start in range(0, height * width, chunk):
-                similarity = queries[:, start : start + chunk] @ bank.T  # (B, chunk, N)
-                if leave_out is not None:
-                    similarity = similarity.masked_fill(own, -2.0)  # below any cosine
-                nearest.append(similarity.amax(dim=2))
-            distance = 1 - torch.cat(nearest, dim=1)
-            level_maps.append(distance.reshape(batch, 1, height, width))
-        return upsampled_sum(level_maps, size)
+        batch, _, height, width = embedding.shape
+        queries = embedding.flatten(2).transpose(1, 2)  # (B, hw, C)
+        bank_squares = self.bank.square().sum(1)
+        chunk = max(1, CHUNK_VALUES // len(self.bank))
+        if leave_out is not None:  # the same for every chunk of an image's positions
+            own = self.source[None, None, :] == leave_out[:, None, None]  # (B, 1, N)
+        nearest = []
+        for start in range(0, height * width, chunk):
+            part = queries[:, start : start + chunk]
+            # The nearest vector by |b|^2 - 2 q.b (one matrix product per chunk), then its distance
+            # computed exactly: the product form loses digits to cancellation (float32 and bf16 alike).
+            squares = bank_squares - 2 * part @ self.bank.T
+            if leave_out is not None:
+                squares = squares.masked_fill(own, float("inf"))
+            closest = self.bank[squares.argmin(dim=2)]  # (B, chunk, C)
+            nearest.append((part - closest).square().sum(2))
+        distance = torch.cat(nearest, dim=1).sqrt().reshape(batch, 1, height, width)
+        return F.interpolate(distance, size=size, mode="bilinear", align_corners=False)

@@ -11,9 +11,11 @@ Every function takes image batches in PEN-Net's ``[-1, 1]`` range and returns a 
 - :func:`feature_distance`: cosine distance of pretrained ImageNet features
   (:class:`PretrainedFeatures`, the offline EfficientNet-Lite0 of :mod:`smai_plugin.backbone`),
   a difference in what the image shows rather than in its pixels;
-- the ``memory`` measure: the original's pretrained features against a memory of normal
-  features (:mod:`smai_plugin.memory`), an opinion that does not depend on the inpainting;
-- :class:`Dissimilarity`: the maps of one or several :class:`ScoreMeasure` (high = different).
+- :class:`Dissimilarity`: the maps of one or several of these measures (high = different).
+
+The :class:`ScoreMeasure` ``memory`` is not a comparison of the two: it measures the original
+against a memory of normal patch features (:mod:`smai_plugin.memory`), an opinion that does not
+depend on the inpainting.
 
 Example:
     >>> images = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -24,7 +26,7 @@ Example:
 
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from enum import Enum
 
 import timm
@@ -37,7 +39,6 @@ from torch.nn import functional as F  # noqa: N812
 from ._config import parse_enum
 from .backbone import OFFLINE_BACKBONE
 from .errors import SmaiInputError
-from .memory import FeatureMemory, upsampled_sum
 from .pennet import to_unit_range
 
 SSIM_WINDOW = 11
@@ -52,7 +53,7 @@ class ScoreMeasure(str, Enum):
 
     ``ssim``: ``1 - SSIM`` (paper, eq. 2). ``l2``: squared error (paper, eq. 3). ``msgms``:
     ``1 -`` multi-scale gradient magnitude similarity. ``features``: cosine distance of
-    pretrained ImageNet features. ``memory``: cosine distance of the original's pretrained
+    pretrained ImageNet features. ``memory``: distance of the original's pretrained patch
     features to the nearest features of normal training images (ignores the inpainting).
     """
 
@@ -110,13 +111,13 @@ def msgms_distance(first: torch.Tensor, second: torch.Tensor, scales: int = MSGM
 
 
 class PretrainedFeatures(nn.Module):
-    """Unit-length ImageNet features of an image batch in ``[-1, 1]``, at three levels.
+    """ImageNet features of an image batch in ``[-1, 1]``, at three levels.
 
     EfficientNet-Lite0 (ImageNet weights from :mod:`smai_plugin.backbone`, frozen, always in
-    eval mode) at strides 4, 8 and 16 (blocks 1, 2 and 4: 24, 40 and 112 channels); each
-    position's feature vector is scaled to unit length. The ``features`` measure compares these
-    between inpainting and original; the ``memory`` measure
-    (:class:`~smai_plugin.memory.FeatureMemory`) between the original and normal images.
+    eval mode) at strides 4, 8 and 16 (blocks 1, 2 and 4: 24, 40 and 112 channels). The
+    ``features`` measure compares their unit vectors between inpainting and original
+    (:func:`feature_distance`); the ``memory`` measure describes patches of the original with the
+    last two (:class:`~smai_plugin.memory.FeatureMemory`).
 
     The backbone's weights come from the package whenever the module is built; they are left
     out of ``state_dict`` so that checkpoints stay small and the same checkpoint loads whether
@@ -162,23 +163,28 @@ class PretrainedFeatures(nn.Module):
             incompatible_keys.missing_keys.remove(key)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Compute unit feature maps ``(N, C, h, w)`` of each level for images in ``[-1, 1]``."""
-        features = self.backbone((to_unit_range(images) - self.mean) / self.std)
-        return [F.normalize(level, dim=1) for level in features]
+        """Compute the feature maps ``(N, C, h, w)`` of each level for images in ``[-1, 1]``."""
+        return self.backbone((to_unit_range(images) - self.mean) / self.std)
 
 
 def feature_distance(first: list[torch.Tensor], second: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """``1 - cos`` of two images' unit features per position, resized to ``size`` and summed over levels.
+    """``1 - cos`` of two images' features per position, resized to ``size`` and summed over levels.
 
     ``1 - cos`` is taken as half the squared distance of the unit vectors: no cancellation near
     1 in bf16. With three levels the map lies in ``[0, 6]``, ``(N, 1, *size)``.
     """
-    levels = ((a - b).square().sum(1, keepdim=True) / 2 for a, b in zip(first, second, strict=True))
-    return upsampled_sum(levels, size)
+    total = None
+    for a, b in zip(first, second, strict=True):
+        level = (F.normalize(a, dim=1) - F.normalize(b, dim=1)).square().sum(1, keepdim=True) / 2
+        level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        total = level if total is None else total + level
+    return total
 
 
-def parse_measures(score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str]) -> tuple[ScoreMeasure, ...]:
-    """Read ``score_measure``: one measure or a non-empty list of distinct ones.
+def parse_measures(
+    score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str], name: str = "score_measure"
+) -> tuple[ScoreMeasure, ...]:
+    """Read ``score_measure``: one measure or a non-empty list of distinct ones (``name``: the setting, for errors).
 
     Example:
         >>> parse_measures(["msgms", "features"])
@@ -186,65 +192,51 @@ def parse_measures(score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | s
 
     """
     values = [score_measure] if isinstance(score_measure, str) else list(score_measure)
-    measures = tuple(parse_enum(ScoreMeasure, value, "score_measure") for value in values)
+    measures = tuple(parse_enum(ScoreMeasure, value, name) for value in values)
     if not measures or len(set(measures)) != len(measures):
-        msg = f"score_measure must be one measure or a list of distinct ones, got {score_measure!r}."
+        msg = f"{name} must be one measure or a list of distinct ones, got {score_measure!r}."
         raise SmaiInputError(msg)
     return measures
 
 
 class Dissimilarity(nn.Module):
-    """Per-pixel difference maps of image batches in ``[-1, 1]``, one channel per measure.
+    """Per-pixel difference maps of an inpainting and its original in ``[-1, 1]``, one channel per measure.
 
     ``ssim``: ``1 - SSIM``; ``l2``: squared error in ``[0, 1]`` units, averaged over the colour
     channels; ``msgms``: ``1 - MSGMS``; ``features``: :func:`feature_distance` of the two
-    images' :class:`PretrainedFeatures`; ``memory``: the original's features against the
-    :class:`~smai_plugin.memory.FeatureMemory` of normal features (fitted with
-    :meth:`fit_memory`; it ignores the inpainting). Every map but ``memory``'s is 0 where the two
-    images are equal.
+    images' :class:`PretrainedFeatures`. Every map is 0 where the two images are equal. (The
+    ``memory`` measure does not compare the two: :class:`~smai_plugin.memory.FeatureMemory`.)
 
     Args:
         score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str]): One measure or a list.
-        memory_size (int): Most vectors the feature memory keeps per level. Defaults to ``4096``.
+        pretrained (PretrainedFeatures | None): The backbone of ``features``, shared with the
+            model's memory where it has one; ``None`` builds one when ``features`` is measured.
+            Defaults to ``None``.
 
     """
 
     def __init__(
-        self, score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str], memory_size: int = 4096
+        self,
+        score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str],
+        pretrained: PretrainedFeatures | None = None,
     ) -> None:
         super().__init__()
         self.measures = parse_measures(score_measure)
-        pretrained = {ScoreMeasure.FEATURES, ScoreMeasure.MEMORY} & set(self.measures)
-        self.pretrained = PretrainedFeatures() if pretrained else None
-        memory = ScoreMeasure.MEMORY in self.measures
-        self.memory = FeatureMemory(memory_size, n_levels=len(PretrainedFeatures.LAYERS)) if memory else None
+        if ScoreMeasure.MEMORY in self.measures:
+            msg = "Dissimilarity compares an inpainting with its original; the memory measure is FeatureMemory's."
+            raise SmaiInputError(msg)
+        uses_features = ScoreMeasure.FEATURES in self.measures
+        self.pretrained = (pretrained or PretrainedFeatures()) if uses_features else None
 
-    @torch.no_grad()
-    def fit_memory(self, originals: Iterable[torch.Tensor]) -> None:
-        """Fill the feature memory from batches of normal images in ``[-1, 1]`` (see :class:`FeatureMemory`)."""
-        self.memory.fit(self.pretrained(images) for images in originals)
-
-    def forward(
-        self, inpainted: torch.Tensor, original: torch.Tensor, leave_out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Compare ``inpainted`` with ``original``: maps ``(N, len(measures), H, W)``.
-
-        ``leave_out`` (the images' numbers in the memory's fit, ``(N,)``) leaves each image's
-        own vectors out of the memory, for scoring the images it was fitted on.
-        """
+    def forward(self, inpainted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Compare ``inpainted`` with ``original``: maps ``(N, len(measures), H, W)``."""
         size = original.shape[-2:]
-        batch = inpainted.shape[0]
-        if ScoreMeasure.FEATURES in self.measures:  # one backbone pass for both images
-            levels = self.pretrained(torch.cat([inpainted, original]))
-            inpainted_features, original_features = [lv[:batch] for lv in levels], [lv[batch:] for lv in levels]
-        elif self.pretrained is not None:
-            original_features = self.pretrained(original)
         maps = []
         for measure in self.measures:
-            if measure == ScoreMeasure.FEATURES:
-                maps.append(feature_distance(inpainted_features, original_features, size))
-            elif measure == ScoreMeasure.MEMORY:
-                maps.append(self.memory(original_features, size, leave_out))
+            if measure == ScoreMeasure.FEATURES:  # one backbone pass for both images
+                levels = self.pretrained(torch.cat([inpainted, original]))
+                batch = inpainted.shape[0]  # not len(): export keeps the batch dynamic
+                maps.append(feature_distance([lv[:batch] for lv in levels], [lv[batch:] for lv in levels], size))
             else:
                 maps.append(self.pixel_measure(measure, inpainted, original))
         return torch.cat(maps, dim=1)

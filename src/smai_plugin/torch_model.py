@@ -28,19 +28,27 @@ from typing import Any
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from . import schedule
 from ._config import check_int, parse_enum
-from .anomaly_map import AnomalyMapGenerator, Comparison
+from .anomaly_map import AnomalyMapGenerator, Comparison, smooth
 from .calibration import Calibration, NormalStatistics
 from .errors import SmaiInputError
-from .memory import FeatureMemory
+from .memory import FeatureMemory, MemorySampling
 from .pennet import N_LEVELS, PenNetGenerator, to_signed
 from .schedule import ScoringMode, crop_passes
-from .similarity import ScoreMeasure, parse_measures
+from .similarity import PretrainedFeatures, ScoreMeasure, parse_measures
 from .superpixel import SuperpixelCache, SuperpixelMasker
 
 SIZE_MULTIPLE = 2**N_LEVELS
+# Pixel values up to this far outside [0, 1] pass (resampling overshoots a little); 0-255 or normalised images do not.
+VALUE_MARGIN = 0.5
+
+
+def is_exporting() -> bool:
+    """Whether the model is being traced or exported (then no check may depend on values)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def random_superpixels(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor:
@@ -108,11 +116,19 @@ class SmaiModel(nn.Module):
             is computed at inference. Defaults to ``1.0``.
         window_size (int): Side of the crop each pass inpaints with ``scoring="windowed"``, a
             multiple of 64. Defaults to ``64``.
-        memory_size (int): With the ``memory`` measure, most normal feature vectors kept per
-            level (see :mod:`smai_plugin.memory`). Defaults to ``4096``.
+        memory_size (int): With the ``memory`` measure, most normal patch vectors kept (see
+            :mod:`smai_plugin.memory`). Defaults to ``4096``.
+        memory_sampling (MemorySampling | str): How the memory chooses them: ``"coreset"`` or
+            ``"random"``. Defaults to ``"coreset"``.
+        memory_neighbourhood (int): Window the memory's features are averaged over (odd; ``1``:
+            none). Defaults to ``3``.
         image_score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str] | None): The
             measure(s) of ``score_measure`` whose calibrated maps give the image score; ``None``
-            takes them all. The anomaly map always averages all. Defaults to ``None``.
+            takes ``memory`` where it is measured, else them all. The anomaly map always averages
+            all. Defaults to ``None``.
+        inpaint_size (tuple[int, int] | None): Size the images are resized to for the superpixels,
+            the inpainting and its measures, whose maps are resized back; the ``memory`` measure
+            sees the images as they come. ``None`` inpaints them as they come. Defaults to ``None``.
 
     """
 
@@ -134,6 +150,9 @@ class SmaiModel(nn.Module):
         window_size: int = 64,
         memory_size: int = 4096,
         image_score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str] | None = None,
+        inpaint_size: tuple[int, int] | None = None,
+        memory_sampling: MemorySampling | str = MemorySampling.CORESET,
+        memory_neighbourhood: int = 3,
     ) -> None:
         super().__init__()
         check_int(window_size, "window_size", minimum=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)  # PEN-Net's input
@@ -144,11 +163,28 @@ class SmaiModel(nn.Module):
         self.generator = PenNetGenerator(base_channels, local_attention)
         self.generator.set_query_budget(attention_budget)  # validates it
         self.attention_budget = attention_budget
-        self.anomaly_map_generator = AnomalyMapGenerator(
-            score_measure, comparison, passes_per_batch, sigma, memory_size
+        self.measures = parse_measures(score_measure)
+        compared = [measure for measure in self.measures if measure != ScoreMeasure.MEMORY]
+        uses_memory = ScoreMeasure.MEMORY in self.measures
+        self.pretrained = PretrainedFeatures() if uses_memory or ScoreMeasure.FEATURES in compared else None
+        # The inpainting and its comparison; the memory alone needs neither.
+        self.anomaly_map_generator = (
+            AnomalyMapGenerator(compared, comparison, passes_per_batch, sigma, self.pretrained) if compared else None
         )
+        self.comparison = parse_enum(Comparison, comparison, "comparison")
+        self.memory = FeatureMemory(memory_size, memory_sampling, memory_neighbourhood) if uses_memory else None
+        if sigma < 0:
+            msg = f"sigma must be non-negative, got {sigma}."
+            raise SmaiInputError(msg)
+        self.sigma = sigma
+        self.inpaint_size = None if inpaint_size is None else tuple(inpaint_size)
+        if self.inpaint_size is not None:
+            if len(self.inpaint_size) != 2:
+                msg = f"inpaint_size must be (height, width), got {inpaint_size}."
+                raise SmaiInputError(msg)
+            self.check_size(*self.inpaint_size)
         self.calibration = parse_enum(Calibration, calibration, "calibration")
-        if len(self.anomaly_map_generator.measures) > 1 and self.calibration == Calibration.NONE:
+        if len(self.measures) > 1 and self.calibration == Calibration.NONE:
             msg = "Several score measures are averaged on the normal images' scale: calibrate, or pick one measure."
             raise SmaiInputError(msg)
         if self.memory is not None and self.calibration == Calibration.NONE:
@@ -159,8 +195,11 @@ class SmaiModel(nn.Module):
             raise SmaiInputError(msg)
         self.normal_statistics = NormalStatistics()
         self.top_k_fraction = top_k_fraction
-        measures = self.anomaly_map_generator.measures
-        chosen = measures if image_score_measure is None else parse_measures(image_score_measure)
+        measures = self.measures
+        if image_score_measure is not None:
+            chosen = parse_measures(image_score_measure, "image_score_measure")
+        else:  # the memory ranks images best wherever it was measured (docs/quality.md)
+            chosen = (ScoreMeasure.MEMORY,) if uses_memory else measures
         if not set(chosen) <= set(measures):
             msg = (
                 f"image_score_measure {[m.value for m in chosen]} must be among score_measure "
@@ -173,12 +212,16 @@ class SmaiModel(nn.Module):
 
     @staticmethod
     def _drop_unused_memory(module: "SmaiModel", state_dict: dict, prefix: str, *args: Any) -> None:
-        """Let a checkpoint with a feature memory load into a model that scores without one."""
+        """Let a checkpoint with a feature memory load into a model that scores without one.
+
+        The per-level memory of earlier versions is always dropped: the memory is fitted again.
+        """
         del args
+        unused = [f"{prefix}anomaly_map_generator.dissimilarity.memory."]
         if module.memory is None:
-            memory = f"{prefix}anomaly_map_generator.dissimilarity.memory."
-            for key in [key for key in state_dict if key.startswith(memory)]:
-                del state_dict[key]
+            unused.append(f"{prefix}memory.")
+        for key in [key for key in state_dict if key.startswith(tuple(unused))]:
+            del state_dict[key]
 
     def train(self, mode: bool = True) -> "SmaiModel":
         """Switch modes; the attention budget applies to inference only."""
@@ -186,18 +229,42 @@ class SmaiModel(nn.Module):
         self.generator.set_query_budget(1.0 if mode else self.attention_budget)
         return self
 
-    @staticmethod
-    def check_shape(images: torch.Tensor) -> None:
+    def check_shape(self, images: torch.Tensor) -> None:
         """Raise a clear error for inputs PEN-Net cannot take.
 
         Raises:
-            ValueError: If ``images`` is not ``(B, 3, H, W)`` with ``H`` and ``W`` multiples of 64.
+            ValueError: If ``images`` is not ``(B, 3, H, W)``, or, without ``inpaint_size``, ``H``
+                and ``W`` are not multiples of 64.
 
         """
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"SMAI expects RGB image batches of shape (B, 3, H, W), got {tuple(images.shape)}."
             raise SmaiInputError(msg)
-        SmaiModel.check_size(*images.shape[-2:])
+        if self.inpaint_size is None:
+            self.check_size(*images.shape[-2:])
+
+    @staticmethod
+    def check_values(images: torch.Tensor) -> None:
+        """Refuse NaN or infinite pixels, and values far outside ``[0, 1]`` (0-255 or normalised images).
+
+        A check of values, so it runs in Python calls only: an exported graph cannot raise, and there
+        such pixels give NaN or meaningless scores (anomalib's inferencers feed it ``[0, 1]`` images).
+
+        Raises:
+            ValueError: If a pixel is not finite or lies outside ``[-0.5, 1.5]``.
+
+        """
+        finite = torch.isfinite(images).flatten(1).all(1)
+        if not finite.all():
+            msg = f"Images {(~finite).nonzero().flatten().tolist()} of the batch hold NaN or infinite pixels."
+            raise SmaiInputError(msg)
+        low, high = float(images.amin()), float(images.amax())
+        if low < -VALUE_MARGIN or high > 1 + VALUE_MARGIN:
+            msg = (
+                f"SMAI expects RGB images in [0, 1], got values from {low:.3g} to {high:.3g}: divide 8-bit images by "
+                "255, and do not normalise them (SMAI's pre-processor only resizes)."
+            )
+            raise SmaiInputError(msg)
 
     @staticmethod
     def check_size(height: int, width: int) -> None:
@@ -233,12 +300,17 @@ class SmaiModel(nn.Module):
 
         """
         self.check_shape(images)
+        if not self.training and not is_exporting():
+            self.check_values(images)
         if self.training:
             if holes is None:
                 msg = "In train mode SmaiModel inpaints under given holes: call model(images, holes)."
                 raise SmaiInputError(msg)
             return self.generator(to_signed(images), holes)
-        maps = self.difference_maps(images)
+        return self.score_maps(self.difference_maps(images))
+
+    def score_maps(self, maps: torch.Tensor) -> InferenceBatch:
+        """Turn difference maps ``(B, M, H, W)`` into the anomaly map and image score (see ``calibration``)."""
         if self.calibration == Calibration.NONE:
             return InferenceBatch(pred_score=self.image_score(maps), anomaly_map=maps)
         standardised = self.normal_statistics(maps)
@@ -246,22 +318,52 @@ class SmaiModel(nn.Module):
         if self.calibration == Calibration.MAP:
             anomaly_map = standardised.mean(dim=1, keepdim=True)
         else:
-            anomaly_map = self.normal_statistics.scale(maps).mean(dim=1, keepdim=True)
+            anomaly_map = self.combine(self.normal_statistics.scale(maps))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def combine(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Combine maps scaled to their normal level (exceeded by 0.1% of normal pixels) into one ``(B, 1, H, W)``.
+
+        With the memory: its map, plus what each inpainting measure shows *beyond its normal level*
+        (``max(0, map - 1)``): the inpainter's residual then adds what no normal image shows (a
+        colour defect the features hardly see) without adding its everyday errors on textures it
+        cannot restore (docs/quality.md measures both). Without the memory: the measures' mean.
+        """
+        if self.memory is None:
+            return scaled.mean(dim=1, keepdim=True)
+        channels = scaled.split(1, dim=1)
+        memory = self.measures.index(ScoreMeasure.MEMORY)
+        excess = [(channel - 1).clamp(min=0) for index, channel in enumerate(channels) if index != memory]
+        return channels[memory] + sum(excess, torch.zeros_like(channels[memory]))
 
     def difference_maps(self, images: torch.Tensor, leave_out: torch.Tensor | None = None) -> torch.Tensor:
         """Smoothed difference maps before calibration, ``(B, M, H, W)``, one channel per measure.
 
-        ``leave_out``: see :class:`~smai_plugin.anomaly_map.AnomalyMapGenerator`.
+        The inpainting's measures are computed at ``inpaint_size`` and resized to the images'
+        size; the memory's at the images' size. ``leave_out``: see
+        :meth:`~smai_plugin.memory.FeatureMemory.forward`.
         """
-        window = self.window(images) if self.scoring == ScoringMode.WINDOWED else None
-        holes = self.pass_holes(images)
-        return self.anomaly_map_generator(self.generator, to_signed(images), holes, window, leave_out)
+        size = images.shape[-2:]
+        if self.anomaly_map_generator is not None:
+            small = self.inpainting_input(images)
+            window = self.window(small) if self.scoring == ScoringMode.WINDOWED else None
+            compared = self.anomaly_map_generator(self.generator, to_signed(small), self.pass_holes(small), window)
+            if compared.shape[-2:] != size:
+                compared = F.interpolate(compared, size=size, mode="bilinear", align_corners=False)
+            channels = iter(compared.split(1, dim=1))
+        if self.memory is not None:
+            distance = smooth(self.memory(self.memory_embedding(images), size, leave_out), self.sigma)
+        return torch.cat([distance if m == ScoreMeasure.MEMORY else next(channels) for m in self.measures], dim=1)
 
-    @property
-    def memory(self) -> FeatureMemory | None:
-        """The memory of normal features, with the ``memory`` measure."""
-        return self.anomaly_map_generator.dissimilarity.memory
+    def inpainting_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize images to ``inpaint_size`` (bilinear, antialiased), or leave them as they are."""
+        if self.inpaint_size is None or tuple(images.shape[-2:]) == self.inpaint_size:
+            return images
+        return F.interpolate(images, size=self.inpaint_size, mode="bilinear", align_corners=False, antialias=True)
+
+    def memory_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """Describe the patches of images in ``[0, 1]`` for the memory (backbone blocks 2 and 4)."""
+        return self.memory.embed(self.pretrained(to_signed(images))[1:])
 
     @property
     def is_calibrated(self) -> bool:
@@ -278,10 +380,19 @@ class SmaiModel(nn.Module):
             "window_size": self.window_size,
             "local_attention": any(level.local for level in self.generator.attention),
             "attention_budget": self.attention_budget,
-            "score_measure": [measure.value for measure in self.anomaly_map_generator.measures],
-            "comparison": self.anomaly_map_generator.comparison.value,
-            "sigma": self.anomaly_map_generator.sigma,
-            **({"memory_size": self.memory.size} if self.memory is not None else {}),
+            "score_measure": [measure.value for measure in self.measures],
+            "comparison": self.comparison.value,
+            "sigma": self.sigma,
+            "inpaint_size": None if self.inpaint_size is None else list(self.inpaint_size),
+            **(
+                {
+                    "memory_size": self.memory.size,
+                    "memory_sampling": self.memory.sampling.value,
+                    "memory_neighbourhood": self.memory.neighbourhood,
+                }
+                if self.memory is not None
+                else {}
+            ),
         }
 
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
@@ -312,7 +423,7 @@ class SmaiModel(nn.Module):
         self.eval()
         try:
             if self.memory is not None:
-                self.anomaly_map_generator.dissimilarity.fit_memory(to_signed(images) for images in batches)
+                self.memory.fit(self.memory_embedding(images) for images in batches)
             self.normal_statistics.fit(self._normal_maps(batches))
         finally:
             self.train(was_training)
@@ -340,6 +451,7 @@ class SmaiModel(nn.Module):
             tuple[torch.Tensor, torch.Tensor]: Images in ``[0, 1]`` and their hole masks.
 
         """
+        images = self.inpainting_input(images)
         superpixels = self.training_superpixels(images)
         if self.scoring != ScoringMode.WINDOWED:
             return images, random_superpixel_holes(superpixels, n_masked)
