@@ -1,9 +1,9 @@
-"""Where SMAI's scoring time goes, per image, in PyTorch eager: SLIC, the inpainting passes, the measures.
+"""Where SMAI's scoring time goes, per image, in PyTorch eager: SLIC, the inpainting, the measures, the memory.
 
 Times the whole ``Smai.forward`` (pre-processing, scoring, post-processing) and its parts on real
 test images at the model's size, at batch 1 and batch 8, after one warm-up call each. The parts
-overlap: the difference maps include SLIC and the measures timed alone below them; the rest of
-them is PEN-Net's inpainting. Examples::
+overlap: the difference maps include SLIC, the measures and the memory timed alone below them;
+the rest of them is PEN-Net's inpainting. Examples::
 
     python benchmarks/scoring_profile.py --root ../shared/data
         --ckpt results/Smai/MVTecAD/bottle/latest/weights/lightning/model.ckpt
@@ -52,12 +52,17 @@ def main() -> None:
     with torch.no_grad():
         parts = {
             "whole `Smai.forward`": lambda x: model(x),
-            "SLIC superpixels": lambda x: core.masker(x),
-            "difference maps (SLIC, inpainting passes, measures)": lambda x: core.difference_maps(x),
+            "difference maps (every measure, before calibration)": lambda x: core.difference_maps(x),
         }
-        for measure in scorer.measures:
-            parts[f"measure `{measure.value}` alone"] = lambda x, m=measure: scorer.dissimilarity.measure(
-                m, to_signed(x), to_signed(x)
+        if scorer is not None:  # the inpainting, at its own size
+            parts["SLIC superpixels"] = lambda x: core.masker(core.inpainting_input(x))
+            for measure in scorer.measures:
+                parts[f"measure `{measure.value}` alone"] = lambda x, m=measure: scorer.dissimilarity.measure(
+                    m, to_signed(core.inpainting_input(x)), to_signed(core.inpainting_input(x))
+                )
+        if core.memory is not None:
+            parts["memory: backbone and nearest normal patches"] = lambda x: core.memory(
+                core.memory_embedding(x), x.shape[-2:]
             )
         for name, part in parts.items():
             times = [milliseconds_per_image(lambda b=b, part=part: part(images[:b]), b) for b in (1, 8)]
