@@ -10,7 +10,7 @@
 
 Each mode is timed at the paper's size in a fresh process (after one warm-up image), so its peak
 memory (resident-set high-water mark above the level before scoring, sampled every 10 ms) is
-not hidden by memory an earlier mode freed. Example (the README's numbers)::
+not hidden by memory an earlier mode freed. Example (docs/method.md's speed-up)::
 
     python benchmarks/scoring_modes.py --root ../shared/data --category bottle
 """
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("results/scoring_modes.json"))
     args = parser.parse_args()
 
-    # The schedules compared with the paper's measure, uncalibrated (as the README's table).
+    # The schedules compared with the paper's measure, uncalibrated (as the paper scores).
     init_args = model_init_args(args.config, **PAPER_COMPARISON)
     datamodule = MVTecAD(
         root=args.root, category=args.category, train_batch_size=8, eval_batch_size=8, num_workers=2, seed=0

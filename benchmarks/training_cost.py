@@ -2,7 +2,7 @@
 
 Fits the same config twice per training through anomalib's Engine (``--short`` and ``--long``
 iterations, validation off) and reports the difference per iteration, which leaves out start-up
-and data set-up. Both trainings alternate in one run. Example (the README's numbers)::
+and data set-up. Both trainings alternate in one run. Example::
 
     python benchmarks/training_cost.py --config configs/smai_cpu.yaml --root ../shared/data
 """

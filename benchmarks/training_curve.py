@@ -7,8 +7,7 @@ images) and prints image AUROC, pixel AUROC, PRO, seconds per iteration and test
 image. A stage predicted to end after ``--budget`` seconds is skipped, so the script fits a
 time slot. Uses the GPU where there is one; a stage that resumes mid-epoch draws a new shuffle
 (Lightning warns that the loader is not resumable), so the images come in another order than in
-one uninterrupted run. Example (the README's GPU numbers, on one H200, where the budget left out
-6000 and 12000)::
+one uninterrupted run. Example (on a GPU; a time budget may leave out the longest stages)::
 
     python benchmarks/training_curve.py --config configs/smai_cpu.yaml --root ../shared/data \\
         --steps 1000 2500 6000 12000 --workers 8 --budget 320

@@ -187,10 +187,10 @@ def test_torch_export_with_torch_inferencer(trained, tmp_path: Path, monkeypatch
 def test_cli_export_openvino_with_the_batch_fixed_to_one_and_inferencer_parity(trained, tmp_path: Path) -> None:
     """`anomalib export` from a checkpoint, then anomalib's OpenVINOInferencer on real files.
 
-    With README "Deploy"'s ``--onnx_kwargs`` (only height and width dynamic, faster at batch 1):
+    With docs/deploy.md's ``--onnx_kwargs`` (only height and width dynamic, faster at batch 1):
     a batch of one and anomalib's four outputs, exact in f32 and close in the CPU's default
-    precision (the fastest deployment that keeps bottle's metrics). The default export's dynamic
-    batch is checked through ONNX Runtime on a batch of images (the ONNX test above).
+    precision. The default export's dynamic batch is checked through ONNX Runtime on a batch of
+    images (the ONNX test above).
     """
     import openvino
 
@@ -228,7 +228,7 @@ def test_cli_export_openvino_with_the_batch_fixed_to_one_and_inferencer_parity(t
         prediction = inferencer.predict(path)
         expected = torch_reference(model, read_image(path, as_tensor=False).astype(np.float32))
         assert_parity(inferencer_outputs(prediction), expected, model)
-    # README "Deploy"'s fastest deployment: this export as an OpenVINO user calls it.
+    # docs/deploy.md's batch-1 export as an OpenVINO user calls it (bf16 where the CPU has it).
     assert_plain_call_close(xml, model, tmp_path, bf16_score_tolerance=0.15, bf16_map_tolerance=2e-2)
 
 

@@ -65,8 +65,7 @@ def paste_patches(low: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     query's position shifted the same way. So the four shifts can move onto the weights: the
     weights summed over the four diagonal shifts, multiplied with the phases, give the output's
     phases. The same sums in another order, with about a third of the patches' multiply-adds and
-    no patch tensors to cut, transpose and fold (README, "Deploy": the deployed CPU preset runs
-    faster in OpenVINO).
+    no patch tensors to cut, transpose and fold (the deployed CPU preset ran faster in OpenVINO).
 
     Args:
         low (torch.Tensor): Feature map ``(B, C, 2h, 2w)``.

@@ -8,8 +8,8 @@ onnxscript's optimiser (OpenVINO and ONNX Runtime optimise it when they load it)
 ``int8_ptq`` is refused, because quantising the activations breaks the scoring.
 
 OpenVINO's CPU plugin infers in bfloat16 by default on CPUs that have it
-(:func:`cpu_has_bf16`); SMAI's maps are computed so that this changes its detections by less
-than 0.005 (README, "Deploy").
+(:func:`cpu_has_bf16`), which moves SMAI's scores by up to about 0.1 (normalised): deploy with
+``INFERENCE_PRECISION_HINT: f32`` for torch's results (docs/deploy.md, "Precision").
 
 Example:
     >>> isinstance(cpu_has_bf16(), bool)
@@ -60,7 +60,7 @@ class SmaiExportMixin:
         scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
         width stay dynamic (the pre-processor resizes to the model's size). ``optimize``
         defaults to ``False``: onnxscript's optimiser took a third to half of the export's time, and
-        OpenVINO and ONNX Runtime ran the unoptimised graph as fast (README, "Deploy"). Other
+        OpenVINO and ONNX Runtime ran the unoptimised graph as fast (docs/deploy.md). Other
         arguments go to :meth:`anomalib.models.AnomalibModule.to_onnx`.
         """
         self._check_calibrated()

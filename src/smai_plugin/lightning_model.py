@@ -93,11 +93,13 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         score_measure (str | Sequence[str]): How inpainting and
             original are compared: ``"ssim"`` (paper eq. 2), ``"l2"`` (eq. 3), ``"msgms"``
             (multi-scale gradient magnitude similarity), ``"features"`` (cosine distance of
-            pretrained EfficientNet-Lite0 features), ``"memory"`` (cosine distance of the
-            original's pretrained features to the nearest features of the normal training
-            images, which PatchCore also scores with; see :mod:`smai_plugin.memory`), or a list,
-            averaged after calibration. Defaults to ``["msgms", "memory"]``: the inpainting's
-            MSGMS residual with the memory's opinion beside it (README, "Detection quality").
+            pretrained EfficientNet-Lite0 features), ``"memory"`` (Euclidean distance of each
+            patch of the original to the nearest normal patch of the training images, as
+            PatchCore scores; see :mod:`smai_plugin.memory`), or a list. With the memory, the
+            map is the memory's plus what the other measures show beyond their normal level
+            (:meth:`SmaiModel.combine`); without, their mean after calibration. Defaults to
+            ``["msgms", "memory"]``: the inpainting's MSGMS residual beside the memory
+            (docs/quality.md).
         comparison (Comparison | str): ``"reconstruction"`` (assemble the inpainted
             superpixels into one image and compare it with the original) or ``"per_pass"``
             (the paper's: each pass's inpainting against the original inside its hole).
