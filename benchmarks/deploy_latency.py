@@ -57,7 +57,7 @@ from smai_plugin import Smai
 from smai_plugin.backbone import OFFLINE_BACKBONE
 from smai_plugin.export import cpu_has_bf16
 
-# Only the input's height and width stay dynamic: an export for one image at a time (README, "Deploy").
+# Only the input's height and width stay dynamic: an export for one image at a time (docs/deploy.md).
 BATCH_OF_ONE = {"input": {2: "height", 3: "width"}}
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO's parity setting
 
