@@ -22,9 +22,11 @@ Example:
 
 """
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
@@ -84,6 +86,34 @@ def random_superpixel_holes(superpixels: torch.Tensor, n_masked: int) -> torch.T
 
     """
     return random_superpixels(superpixels, n_masked).sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _shrink_weights(size: int, new_size: int) -> np.ndarray:
+    scale = size / new_size
+    weights = np.zeros((new_size, size))
+    for row in range(new_size):
+        centre = scale * (row + 0.5)
+        first, last = max(int(centre - scale + 0.5), 0), min(int(centre + scale + 0.5), size)
+        triangle = np.clip(1 - np.abs((np.arange(first, last) - centre + 0.5) / scale), 0, None)
+        weights[row, first:last] = triangle / triangle.sum()
+    return weights.astype(np.float32)
+
+
+def antialiased_shrink_weights(size: int, new_size: int) -> torch.Tensor:
+    """Return the weights of torch's antialiased bilinear shrinking along one axis, ``(new_size, size)``.
+
+    Each output pixel averages the input pixels within ``size / new_size`` of its centre with a
+    triangle filter, as ``F.interpolate(..., mode="bilinear", antialias=True)`` does. Computed
+    with NumPy, so the matrix is one constant in an exported graph.
+
+    Example:
+        >>> antialiased_shrink_weights(4, 2)
+        tensor([[0.4286, 0.4286, 0.1429, 0.0000],
+                [0.0000, 0.1429, 0.4286, 0.4286]])
+
+    """
+    return torch.from_numpy(_shrink_weights(size, new_size))
 
 
 class SmaiModel(nn.Module):
@@ -356,10 +386,20 @@ class SmaiModel(nn.Module):
         return torch.cat([distance if m == ScoreMeasure.MEMORY else next(channels) for m in self.measures], dim=1)
 
     def inpainting_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize images to ``inpaint_size`` (bilinear, antialiased), or leave them as they are."""
+        """Resize images to ``inpaint_size`` (bilinear, antialiased), or leave them as they are.
+
+        Shrinking is two products with constant matrices (:func:`antialiased_shrink_weights`):
+        torch's antialiased ``interpolate`` exports to an ONNX ``Resize`` that OpenVINO computes
+        differently (pixels up to 0.06 apart, which moved superpixel borders and the maps).
+        """
         if self.inpaint_size is None or tuple(images.shape[-2:]) == self.inpaint_size:
             return images
-        return F.interpolate(images, size=self.inpaint_size, mode="bilinear", align_corners=False, antialias=True)
+        (height, width), (new_height, new_width) = images.shape[-2:], self.inpaint_size
+        if new_height > height or new_width > width:
+            return F.interpolate(images, size=self.inpaint_size, mode="bilinear", align_corners=False, antialias=True)
+        rows = antialiased_shrink_weights(height, new_height).to(images)
+        columns = antialiased_shrink_weights(width, new_width).to(images)
+        return rows @ images @ columns.T
 
     def memory_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Describe the patches of images in ``[0, 1]`` for the memory (backbone blocks 2 and 4)."""
