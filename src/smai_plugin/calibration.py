@@ -35,6 +35,7 @@ Example:
 
 """
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
@@ -58,6 +59,21 @@ def resize_to_saved(module: nn.Module, state_dict: dict, prefix: str, names: Ite
             setattr(module, name, getattr(module, name).new_empty(state_dict[f"{prefix}{name}"].shape))
 
 
+def _drop_missing(suffix: str, _: nn.Module, incompatible_keys: nn.modules.module._IncompatibleKeys) -> None:
+    for key in [key for key in incompatible_keys.missing_keys if key.endswith(suffix)]:
+        incompatible_keys.missing_keys.remove(key)
+
+
+def allow_missing(module: nn.Module, suffix: str) -> None:
+    """Let state dicts without the keys ending in ``suffix`` load into ``module``: those buffers stay empty.
+
+    For fitted buffers a checkpoint may lack (saved before they existed, or never fitted): the
+    model then counts as unfitted and fits them again. (A ``partial``, not a closure: models
+    are pickled by the Torch export.)
+    """
+    module.register_load_state_dict_post_hook(functools.partial(_drop_missing, suffix))
+
+
 MIN_CALIBRATION_IMAGES = 2  # a spread needs two maps
 FEW_CALIBRATION_IMAGES = 10  # below this SMAI warns that its calibration is rough
 
@@ -66,8 +82,8 @@ class Calibration(str, Enum):
     """How the normal statistics are used.
 
     ``none``: raw difference maps (one measure only). ``score``: the image score comes from the
-    standardised maps; the anomaly map is each measure's map divided by its mean over normal
-    images, averaged over the measures. ``map``: the anomaly map is the standardised maps'
+    standardised maps; the anomaly map combines the measures' maps, each divided by its normal
+    level (:meth:`~smai_plugin.torch_model.SmaiModel.combine`). ``map``: the anomaly map is the standardised maps'
     average, and the image score comes from it.
     """
 
@@ -102,18 +118,11 @@ class NormalStatistics(nn.Module):
         self.mean: torch.Tensor
         self.spread: torch.Tensor
         self.level: torch.Tensor
-        self.register_load_state_dict_post_hook(self._level_may_be_missing)
+        allow_missing(self, "normal_statistics.level")  # statistics saved before the level existed refit
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         resize_to_saved(self, state_dict, prefix, ("mean", "spread", "level"))
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    @staticmethod
-    def _level_may_be_missing(module: nn.Module, incompatible_keys: nn.modules.module._IncompatibleKeys) -> None:
-        """Let statistics saved before the normal level existed load: they count as unfitted, and refit."""
-        del module
-        for key in [key for key in incompatible_keys.missing_keys if key.endswith("normal_statistics.level")]:
-            incompatible_keys.missing_keys.remove(key)
 
     @property
     def is_fitted(self) -> bool:

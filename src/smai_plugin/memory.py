@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from ._config import check_int, parse_enum
-from .calibration import resize_to_saved
+from .calibration import allow_missing, resize_to_saved
 from .errors import SmaiInputError
 
 # Distances of one chunk of query positions to the whole memory stay under this many values per
@@ -121,7 +121,7 @@ class FeatureMemory(nn.Module):
         self.register_buffer("source", torch.empty(0, dtype=torch.long), persistent=False)
         self.bank: torch.Tensor
         self.source: torch.Tensor
-        self.register_load_state_dict_post_hook(self._may_be_missing)
+        allow_missing(self, "bank")  # a checkpoint without a memory loads; scoring fits it
 
     @property
     def is_fitted(self) -> bool:
@@ -131,13 +131,6 @@ class FeatureMemory(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         resize_to_saved(self, state_dict, prefix, ("bank",))
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    @staticmethod
-    def _may_be_missing(module: nn.Module, incompatible_keys: nn.modules.module._IncompatibleKeys) -> None:
-        """Let a checkpoint without a memory load: the memory stays empty, and scoring fits it."""
-        del module
-        for key in [key for key in incompatible_keys.missing_keys if key.endswith("bank")]:
-            incompatible_keys.missing_keys.remove(key)
 
     def embed(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Describe every patch: each level averaged over the neighbourhood, on the first level's grid, joined.

@@ -330,13 +330,13 @@ class SmaiModel(nn.Module):
 
         """
         self.check_shape(images)
-        if not self.training and not is_exporting():
-            self.check_values(images)
         if self.training:
             if holes is None:
                 msg = "In train mode SmaiModel inpaints under given holes: call model(images, holes)."
                 raise SmaiInputError(msg)
             return self.generator(to_signed(images), holes)
+        if not is_exporting():
+            self.check_values(images)
         return self.score_maps(self.difference_maps(images))
 
     def score_maps(self, maps: torch.Tensor) -> InferenceBatch:
