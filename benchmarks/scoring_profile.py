@@ -52,6 +52,8 @@ def main() -> None:
     with torch.no_grad():
         parts = {
             "whole `Smai.forward`": lambda x: model(x),
+            "torch model, `model.model(x)`": lambda x: core(x),
+            "torch model with the reconstruction (test and predict steps)": lambda x: core(x, reconstruct=True),
             "difference maps (every measure, before calibration)": lambda x: core.difference_maps(x),
         }
         if scorer is not None:  # the inpainting, at its own size

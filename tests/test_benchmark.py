@@ -129,3 +129,6 @@ def test_benchmark_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
     assert "| category | model | image_auroc |" in (output / "results.md").read_text()
     assert_png(output / "roc_hazelnut_toy.png")
     assert_png(output / "montage_hazelnut_toy.png")
+    with Image.open(output / "montage_hazelnut_toy.png") as montage:
+        # image | SMAI's reconstruction | ground truth | SMAI's map | PaDiM's map, 2.2 inches at 100 dpi each
+        assert montage.width == 5 * 220

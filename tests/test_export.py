@@ -242,6 +242,37 @@ def test_plain_openvino_inferencer_matches_torch(trained, tmp_path: Path) -> Non
     assert_plain_call_close(xml, model, tmp_path, bf16_score_tolerance=0.05, bf16_map_tolerance=1e-2)
 
 
+def test_export_option_adds_the_reconstruction_at_parity(trained, tmp_path: Path) -> None:
+    """``onnx_kwargs={"reconstruction": True}`` (as ``anomalib export --onnx_kwargs`` passes it): a fifth output.
+
+    ONNX Runtime on a batch and OpenVINO's runtime in f32, read as docs/deploy.md shows, equal
+    torch's reconstruction; anomalib's outputs stay at parity beside it.
+    """
+    import openvino
+
+    model, engine, _ = trained
+    options = {"onnx_kwargs": {"reconstruction": True}}
+    onnx_path = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path / "onnx", **options)
+    xml = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path / "ov", **options)
+    images = real_test_images()
+    with torch.no_grad():
+        tensors = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        expected = model.model(model.pre_processor(tensors), reconstruct=True).reconstruction.numpy()
+    assert expected.shape == (3, 3, 128, 128)  # the model's size, as the anomaly map
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [output.name for output in session.get_outputs()][-1] == "reconstruction"
+    outputs = onnx_runtime_outputs_at_parity(session, model)
+    np.testing.assert_allclose(outputs["reconstruction"], expected, atol=ATOL)
+    compiled = openvino.Core().compile_model(xml, "CPU", F32)
+    for index, image in enumerate(images):
+        result = compiled(image.transpose(2, 0, 1)[None])
+        np.testing.assert_allclose(result["reconstruction"][0], expected[index], atol=ATOL)
+    # Off by default: anomalib's four outputs only.
+    default = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path / "plain")
+    plain = onnxruntime.InferenceSession(str(default), providers=["CPUExecutionProvider"])
+    assert "reconstruction" not in [output.name for output in plain.get_outputs()]
+
+
 @pytest.mark.parametrize("compression", ["fp16", "int8"])
 def test_compressed_openvino_export_stays_close_to_torch(trained, tmp_path: Path, compression: str) -> None:
     """anomalib's weight compression (NNCF for int8): maps within 2e-2 of torch's on average, run in f32.

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import SmaiInputError
 
-__all__ = ["Smai", "SmaiInputError", "SmaiModel"]
+__all__ = ["Smai", "SmaiInputError", "SmaiModel", "SmaiVisualizer"]
 
 if TYPE_CHECKING:
     from .lightning_model import Smai
     from .torch_model import SmaiModel
+    from .visualizer import SmaiVisualizer
 
 
 def __getattr__(name: str) -> Any:
@@ -37,5 +38,9 @@ def __getattr__(name: str) -> Any:
         from .torch_model import SmaiModel
 
         return SmaiModel
+    if name == "SmaiVisualizer":
+        from .visualizer import SmaiVisualizer
+
+        return SmaiVisualizer
     msg = f"module 'smai_plugin' has no attribute {name!r}"
     raise AttributeError(msg)

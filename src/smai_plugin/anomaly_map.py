@@ -133,11 +133,42 @@ class AnomalyMapGenerator(nn.Module):
             torch.Tensor: Smoothed difference maps ``(B, M, H, W)``, one channel per measure.
 
         """
+        return self.compare(generator, images, holes, window)[0]
+
+    def compare(
+        self,
+        generator: nn.Module,
+        images: torch.Tensor,
+        holes: torch.Tensor,
+        window: tuple[int, int] | None = None,
+        reconstruct: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inpaint every pass; return the difference maps and, if assembled, the reconstruction.
+
+        The reconstruction is each pixel's inpainting by the passes whose hole covers it (their
+        mean where holes overlap), and the original where no pass inpainted it. ``comparison=
+        "reconstruction"`` always assembles it (it is what is compared); ``"per_pass"`` only when
+        ``reconstruct`` asks, at the cost of four more channels gathered per pass.
+
+        Args:
+            generator (nn.Module): Inpainting network (see :meth:`forward`).
+            images (torch.Tensor): Images in ``[-1, 1]``, ``(B, 3, H, W)``.
+            holes (torch.Tensor): One hole mask per pass, ``(B, P, H, W)``.
+            window (tuple[int, int] | None): Crop each pass inpaints (see :meth:`forward`).
+            reconstruct (bool): Assemble the reconstruction with ``"per_pass"`` too. Defaults to ``False``.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor | None]: The maps ``(B, M, H, W)`` and the
+            reconstruction in ``[-1, 1]``, ``(B, 3, H, W)``, or ``None``.
+
+        """
         batch, n_passes, height, width = holes.shape
         crop = window or (height, width)
         per_pass = self.comparison == Comparison.PER_PASS
-        # Per pass: the in-hole differences; reconstruction: the in-hole inpainting and the hole itself.
-        channels = len(self.measures) if per_pass else images.shape[1] + 1
+        assemble = reconstruct or not per_pass
+        colours = images.shape[1]
+        # Per pass: the in-hole differences; to assemble: the in-hole inpainting and the hole itself.
+        channels = (len(self.measures) if per_pass else 0) + (colours + 1 if assemble else 0)
         total = images.new_zeros(batch, channels, height * width)
         # Chunks follow the number of passes only (fixed by the configuration), never the batch
         # size, so the loop traces the same for any batch size at export.
@@ -145,21 +176,24 @@ class AnomalyMapGenerator(nn.Module):
             chunk = holes[:, start : start + self.passes_per_batch]  # (B, p, H, W)
             originals, masks, index = crop_passes(images, chunk, crop)
             output = generator(originals, masks)[0]
+            values = []
             if per_pass:
                 # The composite (original outside the hole): SSIM windows at the hole's border
                 # see only the hole's new content as different.
-                values = self.dissimilarity(composite(originals, output, masks), originals) * masks
-            else:
-                values = torch.cat([output * masks, masks], dim=1)
+                values.append(self.dissimilarity(composite(originals, output, masks), originals) * masks)
+            if assemble:
+                values += [output * masks, masks]
+            values = torch.cat(values, dim=1)
             values = values.reshape(batch, -1, channels, values.shape[-2] * values.shape[-1]).transpose(1, 2)
             total = total.scatter_add(2, index.flatten(1)[:, None].expand(-1, channels, -1), values.flatten(2))
         total = total.reshape(batch, channels, height, width)
-        if per_pass:
-            return smooth(total, self.sigma)
-        inpainted, covered = total[:, :-1], total[:, -1:]
-        # Pixels no pass inpainted (outside every window) keep the original: they score 0.
-        reconstruction = inpainted / covered.clamp(min=1) + images * (covered == 0)
-        return smooth(self.dissimilarity(reconstruction, images), self.sigma)
+        reconstruction = None
+        if assemble:
+            inpainted, covered = total[:, -colours - 1 : -1], total[:, -1:]
+            # Pixels no pass inpainted (outside every window) keep the original: they score 0.
+            reconstruction = inpainted / covered.clamp(min=1) + images * (covered == 0)
+        maps = total[:, : len(self.measures)] if per_pass else self.dissimilarity(reconstruction, images)
+        return smooth(maps, self.sigma), reconstruction
 
 
 def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:

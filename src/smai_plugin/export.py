@@ -5,7 +5,9 @@ rules: a calibrating model exports only with fitted, current normal statistics (
 constants of the graph); ONNX uses opset 18, the one torch's exporter writes (anomalib asks for
 14, which goes through ONNX's version converter); the ONNX graph is written without
 onnxscript's optimiser (OpenVINO and ONNX Runtime optimise it when they load it); and
-``int8_ptq`` is refused, because quantising the activations breaks the scoring.
+``int8_ptq`` is refused, because quantising the activations breaks the scoring. One option:
+``reconstruction=True`` (``onnx_kwargs={"reconstruction": True}`` through anomalib's export) adds
+the reconstruction as a fifth output of the graph.
 
 OpenVINO's CPU plugin infers in bfloat16 by default on CPUs that have it
 (:func:`cpu_has_bf16`), which moves SMAI's scores by up to about 0.1 (normalised): deploy with
@@ -46,12 +48,14 @@ class SmaiExportMixin:
 
     needs_calibration: bool
     _trained_on: str | None
+    _export_reconstruction: bool
 
     def to_onnx(
         self,
         export_root: Path | str,
         model_file_name: str = "model",
         input_size: tuple[int, int] | None = None,
+        reconstruction: bool = False,
         **kwargs,
     ) -> Path:
         """Export to ONNX with opset 18, torch's exporter's own (no version conversion of the graph).
@@ -60,20 +64,36 @@ class SmaiExportMixin:
         scoring and anomalib's post-processing. With ``input_size=None`` the input's height and
         width stay dynamic (the pre-processor resizes to the model's size). ``optimize``
         defaults to ``False``: onnxscript's optimiser took a third to half of the export's time, and
-        OpenVINO and ONNX Runtime ran the unoptimised graph as fast (docs/deploy.md). Other
-        arguments go to :meth:`anomalib.models.AnomalibModule.to_onnx`.
+        OpenVINO and ONNX Runtime ran the unoptimised graph as fast (docs/deploy.md).
+        ``reconstruction=True`` adds the output ``reconstruction`` (``(B, 3, H, W)`` in ``[0, 1]``,
+        at the model's image size) after anomalib's four; off by default, so the graph is what
+        anomalib's inferencers read. Other arguments go to
+        :meth:`anomalib.models.AnomalibModule.to_onnx`.
         """
         self._check_calibrated()
+        if reconstruction and self.model.anomaly_map_generator is None:
+            msg = "This SMAI model scores with the memory alone (no inpainting): it has no reconstruction to export."
+            raise SmaiInputError(msg)
         kwargs.setdefault("opset_version", ONNX_OPSET)
         kwargs.setdefault("optimize", False)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        self._export_reconstruction = reconstruction  # read by Smai.forward while the graph is traced
+        try:
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        finally:
+            self._export_reconstruction = False
 
-    def to_openvino(self, *args, compression_type: CompressionType | str | None = None, **kwargs) -> Path:
+    def to_openvino(
+        self,
+        *args,
+        compression_type: CompressionType | str | None = None,
+        reconstruction: bool = False,
+        **kwargs,
+    ) -> Path:
         """Export to OpenVINO (:meth:`anomalib.models.AnomalibModule.to_openvino`).
 
         ``fp16`` and ``int8`` (weights only) keep bottle's metrics within 0.003 of float32;
         ``int8_ptq`` is refused: quantising the activations breaks the scoring (measured with
-        ``benchmarks/deploy_latency.py``).
+        ``benchmarks/deploy_latency.py``). ``reconstruction=True``: see :meth:`to_onnx`.
 
         Raises:
             ValueError: If ``compression_type`` is ``int8_ptq``.
@@ -86,6 +106,8 @@ class SmaiExportMixin:
                 "--compression_type int8 (weights only; image AUROC 0.995) or fp16 (0.996) instead."
             )
             raise SmaiInputError(msg)
+        if reconstruction:
+            kwargs["onnx_kwargs"] = {**(kwargs.get("onnx_kwargs") or {}), "reconstruction": True}
         return super().to_openvino(*args, compression_type=compression_type, **kwargs)
 
     def to_torch(self, *args, **kwargs) -> Path:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -49,6 +49,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from ._config import check_int
 from .anomaly_map import Comparison
+from .batch import with_reconstruction
 from .calibration import Calibration, SmaiCalibrationMixin
 from .checkpoint import CheckedCheckpointIO, SmaiCheckpointMixin
 from .data_checks import SmaiDataChecksMixin
@@ -56,7 +57,8 @@ from .errors import SmaiInputError
 from .export import SmaiExportMixin
 from .loss import SmaiLoss, discriminator_hinge_loss
 from .pennet import PenNetDiscriminator, composite, to_signed
-from .torch_model import SIZE_MULTIPLE, ScoringMode, SmaiModel
+from .torch_model import SIZE_MULTIPLE, ReconstructedBatch, ScoringMode, SmaiModel
+from .visualizer import SmaiVisualizer
 
 __all__ = ["Smai"]
 
@@ -161,7 +163,10 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             pixel AUROC and F1), so SMAI's results line up with the built-in models' (also in
             ``anomalib benchmark``). The configs in ``configs/`` add PRO (AUPRO up to 30% FPR).
             Defaults to ``True``.
-        visualizer (Visualizer | bool): Visualizer or flag. Defaults to ``True``.
+        visualizer (Visualizer | bool): Visualizer or flag; ``True`` is a
+            :class:`~smai_plugin.visualizer.SmaiVisualizer` (image | reconstruction | ground
+            truth | map | mask; ``SmaiVisualizer(reconstruction=False)`` leaves the
+            reconstruction out). Defaults to ``True``.
 
     Example:
         >>> model = Smai(n_superpixels=77, n_masked=10, score_measure="l2")  # doctest: +SKIP
@@ -268,6 +273,8 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         self._calibration_stale = False
         # What the generator learnt on (crops or whole images), saved with checkpoints.
         self._trained_on: str | None = None
+        # Set only while an export adds the reconstruction to the graph's outputs.
+        self._export_reconstruction = False
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
@@ -281,6 +288,11 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
 
         """
         return PreProcessor(transform=Compose([Resize(image_size or DEFAULT_IMAGE_SIZE, antialias=True)]))
+
+    @classmethod
+    def configure_visualizer(cls) -> SmaiVisualizer:
+        """Draw pictures with anomalib's image visualizer and SMAI's reconstruction beside each image."""
+        return SmaiVisualizer()
 
     @staticmethod
     def _check_image_size(model: SmaiModel, image_size: tuple[int, int] | None) -> None:
@@ -428,8 +440,24 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         return self._score(batch)
 
     def _score(self, batch: Batch) -> Batch:
+        """Score a batch in place: anomalib's outputs and the reconstruction (see :mod:`smai_plugin.batch`)."""
         self.check_finite(batch)
-        return batch.update(**self.model(batch.image)._asdict())
+        return with_reconstruction(batch).update(**self.model(batch.image, reconstruct=True)._asdict())
+
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch | ReconstructedBatch:
+        """Pre-process, score and post-process images, as every anomalib model's forward.
+
+        While an export asks for the reconstruction (``to_onnx(..., reconstruction=True)``), the
+        output is a :class:`~smai_plugin.torch_model.ReconstructedBatch`: the post-processed
+        fields and the reconstruction, each an output of the exported graph.
+        """
+        if not self._export_reconstruction:
+            return super().forward(batch, *args, **kwargs)
+        images = self.pre_processor(batch) if self.pre_processor else batch
+        output = self.model(images, reconstruct=True)
+        predictions = InferenceBatch(*output[:-1])
+        predictions = self.post_processor(predictions) if self.post_processor else predictions
+        return ReconstructedBatch(*predictions, reconstruction=output.reconstruction)
 
     def _last_iteration(self) -> int:
         """Count the iterations after which training stops (a huge number when unbounded)."""

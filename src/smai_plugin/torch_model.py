@@ -24,7 +24,7 @@ Example:
 
 import functools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from .anomaly_map import AnomalyMapGenerator, Comparison, smooth
 from .calibration import Calibration, NormalStatistics
 from .errors import SmaiInputError
 from .memory import FeatureMemory, MemorySampling
-from .pennet import N_LEVELS, PenNetGenerator, to_signed
+from .pennet import N_LEVELS, PenNetGenerator, to_signed, to_unit_range
 from .schedule import ScoringMode, crop_passes
 from .similarity import PretrainedFeatures, ScoreMeasure, parse_measures
 from .superpixel import SuperpixelCache, SuperpixelMasker
@@ -51,6 +51,21 @@ VALUE_MARGIN = 0.5
 def is_exporting() -> bool:
     """Whether the model is being traced or exported (then no check may depend on values)."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+class ReconstructedBatch(NamedTuple):
+    """anomalib's ``InferenceBatch`` fields, then the reconstruction ``(B, 3, H, W)`` in ``[0, 1]``.
+
+    What :meth:`SmaiModel.forward` returns with ``reconstruct=True``: a named tuple like
+    ``InferenceBatch``, so ``output.pred_score`` and ``output._asdict()`` work as for every
+    anomalib model, and an export names each field as an output of the graph.
+    """
+
+    pred_score: torch.Tensor | None = None
+    pred_label: torch.Tensor | None = None
+    anomaly_map: torch.Tensor | None = None
+    pred_mask: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
 
 
 def random_superpixels(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor:
@@ -316,17 +331,21 @@ class SmaiModel(nn.Module):
         self,
         images: torch.Tensor,
         holes: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]] | InferenceBatch:
+        reconstruct: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | InferenceBatch | ReconstructedBatch:
         """Inpaint under ``holes`` (train mode) or score ``images`` (eval mode).
 
         Args:
             images (torch.Tensor): RGB images in ``[0, 1]``, ``(B, 3, H, W)``.
             holes (torch.Tensor | None): Train mode only: hole masks ``(B, 1, H, W)``.
+            reconstruct (bool): Eval mode: also return the reconstruction (see :meth:`compare`).
+                Defaults to ``False``.
 
         Returns:
             Train mode: the inpainting in ``[-1, 1]`` and PEN-Net's pyramid outputs.
             Eval mode: ``InferenceBatch`` with ``pred_score`` ``(B,)`` and ``anomaly_map``
-            ``(B, 1, H, W)``.
+            ``(B, 1, H, W)``; with ``reconstruct``, a :class:`ReconstructedBatch` that adds the
+            ``reconstruction`` (``None`` without inpainting, ``score_measure="memory"``).
 
         """
         self.check_shape(images)
@@ -337,7 +356,9 @@ class SmaiModel(nn.Module):
             return self.generator(to_signed(images), holes)
         if not is_exporting():
             self.check_values(images)
-        return self.score_maps(self.difference_maps(images))
+        maps, reconstruction = self.compare(images, reconstruct=reconstruct)
+        output = self.score_maps(maps)
+        return ReconstructedBatch(*output, reconstruction=reconstruction) if reconstruct else output
 
     def score_maps(self, maps: torch.Tensor) -> InferenceBatch:
         """Turn difference maps ``(B, M, H, W)`` into the anomaly map and image score (see ``calibration``)."""
@@ -373,17 +394,38 @@ class SmaiModel(nn.Module):
         size; the memory's at the images' size. ``leave_out``: see
         :meth:`~smai_plugin.memory.FeatureMemory.forward`.
         """
+        return self.compare(images, leave_out)[0]
+
+    def compare(
+        self, images: torch.Tensor, leave_out: torch.Tensor | None = None, reconstruct: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the difference maps (see :meth:`difference_maps`) and, if asked, the reconstruction.
+
+        The reconstruction shows what the image should have looked like: every pixel as the
+        inpainting of the pass whose hole covered it (its superpixel, masked and inpainted from
+        the rest), the original where no pass covered it; in ``[0, 1]``, at the images' size
+        (from ``inpaint_size``, bilinear). ``None`` without inpainting (the memory alone).
+        """
         size = images.shape[-2:]
+        reconstruction = None
         if self.anomaly_map_generator is not None:
             small = self.inpainting_input(images)
             window = self.window(small) if self.scoring == ScoringMode.WINDOWED else None
-            compared = self.anomaly_map_generator(self.generator, to_signed(small), self.pass_holes(small), window)
+            holes = self.pass_holes(small)
+            compared, assembled = self.anomaly_map_generator.compare(
+                self.generator, to_signed(small), holes, window, reconstruct
+            )
             if compared.shape[-2:] != size:
                 compared = F.interpolate(compared, size=size, mode="bilinear", align_corners=False)
             channels = iter(compared.split(1, dim=1))
+            if reconstruct:
+                reconstruction = to_unit_range(assembled)
+                if reconstruction.shape[-2:] != size:
+                    reconstruction = F.interpolate(reconstruction, size=size, mode="bilinear", align_corners=False)
         if self.memory is not None:
             distance = smooth(self.memory(self.memory_embedding(images), size, leave_out), self.sigma)
-        return torch.cat([distance if m == ScoreMeasure.MEMORY else next(channels) for m in self.measures], dim=1)
+        maps = torch.cat([distance if m == ScoreMeasure.MEMORY else next(channels) for m in self.measures], dim=1)
+        return maps, reconstruction
 
     def inpainting_input(self, images: torch.Tensor) -> torch.Tensor:
         """Resize images to ``inpaint_size`` (bilinear, antialiased), or leave them as they are.

@@ -5,7 +5,7 @@ Every model is an anomalib ``AnomalibModule`` trained with ``Engine.fit`` and te
 sizes and the metrics (image AUROC, pixel AUROC, PRO = AUPRO up to 30% FPR). Each model runs in
 a fresh process, so its peak memory is its own. The output folder receives ``results.csv``,
 ``results.md``, ``roc_<category>.png`` (image-level ROC of all models) and
-``montage_<category>.png`` (test images, ground truth, SMAI's and the best peer's anomaly maps).
+``montage_<category>.png`` (test images, SMAI's reconstruction, ground truth, SMAI's and the best peer's anomaly maps).
 
 The peers use an ImageNet backbone that works offline, ``efficientnet_lite0_offline`` (see
 :mod:`smai_plugin.backbone`); with internet access any other timm backbone (``resnet18``,

@@ -182,10 +182,12 @@ def _montage_indices(result: RunResult, rows: int) -> list[int]:
     return chosen + good[: rows - len(chosen)]
 
 
-def _load_image(path: str, size: tuple[int, int]) -> np.ndarray:
+def _load_image(source: str | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Read an image file, or take an 8-bit ``(H, W, 3)`` array, as RGB at ``size``."""
     from PIL import Image
 
-    return np.asarray(Image.open(path).convert("RGB").resize(size[::-1], Image.BICUBIC))
+    image = Image.open(source).convert("RGB") if isinstance(source, str) else Image.fromarray(source)
+    return np.asarray(image.resize(size[::-1], Image.BICUBIC))
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
@@ -194,7 +196,7 @@ def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
 
 
 def plot_montage(results: dict[str, RunResult], best_peer: str | None, category: str, path: Path, rows: int) -> None:
-    """Rows of test images: image, ground truth, SMAI's and the best peer's anomaly maps.
+    """Rows of test images: image, SMAI's reconstruction, ground truth, SMAI's and the best peer's anomaly maps.
 
     Anomaly maps are the post-processed ones (``0`` to ``1``, ``0.5`` = the model's threshold),
     shown on the same colour scale, resized to the image for display.
@@ -216,16 +218,18 @@ def plot_montage(results: dict[str, RunResult], best_peer: str | None, category:
     reference = results[max(shown, key=lambda name: results[name].gt_masks.shape[-1])]  # sharpest masks
     indices = _montage_indices(reference, rows)
     size = (256, 256)
-    columns = 2 + len(shown)
+    reconstructions = results[SMAI].reconstructions if SMAI in results else None
+    columns = 2 + (reconstructions is not None) + len(shown)
     figure, axes = plt.subplots(len(indices), columns, figsize=(2.2 * columns, 2.2 * len(indices)), squeeze=False)
     mask_style = {"cmap": "gray", "vmin": 0, "vmax": 1}
     map_style = {"cmap": "jet", "vmin": 0, "vmax": 1}
     for row, index in enumerate(indices):
         image_path = reference.image_paths[index]
-        panels = [
-            (_load_image(image_path, size), f"{Path(image_path).parent.name}/{Path(image_path).stem}", {}),
-            (_resize(reference.gt_masks[index], size, "nearest"), "ground truth", mask_style),
-        ]
+        panels = [(_load_image(image_path, size), f"{Path(image_path).parent.name}/{Path(image_path).stem}", {})]
+        if reconstructions is not None:
+            reconstruction = reconstructions[results[SMAI].image_paths.index(image_path)]
+            panels.append((_load_image(reconstruction, size), "SMAI reconstruction", {}))
+        panels.append((_resize(reference.gt_masks[index], size, "nearest"), "ground truth", mask_style))
         for name in shown:
             result = results[name]
             match = result.image_paths.index(image_path)

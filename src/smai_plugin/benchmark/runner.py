@@ -66,6 +66,7 @@ class RunResult:
     pred_scores: np.ndarray | None = None
     pred_labels: np.ndarray | None = None
     anomaly_maps: np.ndarray | None = None
+    reconstructions: np.ndarray | None = None  # SMAI's, 8-bit (N, H, W, 3); None for the peers
 
 
 class _Recorder(Callback):
@@ -220,7 +221,7 @@ def run_one(spec: RunSpec) -> RunResult:
     cpu_seconds = _cpu_seconds() - cpu_start
 
     image_paths: list[str] = []
-    gt_labels, gt_masks, pred_scores, pred_labels, maps = [], [], [], [], []
+    gt_labels, gt_masks, pred_scores, pred_labels, maps, reconstructions = [], [], [], [], [], []
     for batch in recorder.outputs:
         image_paths += [str(p) for p in batch.image_path]
         gt_labels.append(batch.gt_label.int().cpu())
@@ -231,6 +232,9 @@ def run_one(spec: RunSpec) -> RunResult:
         # The masks the metrics saw (anomalib's batch.mask_path is None when a batch starts with a good image).
         gt_mask = batch.gt_mask if batch.gt_mask is not None else torch.zeros_like(maps[-1])
         gt_masks.append(gt_mask.cpu().reshape(maps[-1].shape[0], *gt_mask.shape[-2:]).bool())
+        reconstruction = getattr(batch, "reconstruction", None)
+        if reconstruction is not None:
+            reconstructions.append((reconstruction.float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1))
     gt = torch.cat(gt_labels).numpy()
     labels = torch.cat(pred_labels).numpy()
     good_acc, defect_acc, mean_acc = table1_accuracy(gt, labels)
@@ -261,6 +265,7 @@ def run_one(spec: RunSpec) -> RunResult:
         pred_scores=torch.cat(pred_scores).numpy(),
         pred_labels=labels,
         anomaly_maps=torch.cat(maps).numpy(),
+        reconstructions=torch.cat(reconstructions).numpy() if reconstructions else None,
     )
 
 
