@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="test images used (default: all with --ckpt, else 8)")
     parser.add_argument("--scoring", help="override the config's scoring (without --ckpt)")
     parser.add_argument("--patchcore", action="store_true", help="add anomalib's PatchCore, fitted here")
+    parser.add_argument("--inpainted-superpixels", type=int, help="override SMAI's inpainted_superpixels")
     parser.add_argument(
         "--compression",
         nargs="*",
@@ -194,13 +195,14 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    overrides = {} if args.inpainted_superpixels is None else {"inpainted_superpixels": args.inpainted_superpixels}
     if args.ckpt:
-        model = Smai.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
-        label = f"{args.ckpt}"
+        model = Smai.load_from_checkpoint(args.ckpt, map_location="cpu", **overrides).eval()
+        label = f"{args.ckpt} {overrides}"
     else:
-        init_args = model_init_args(args.config, **({"scoring": args.scoring} if args.scoring else {}))
+        init_args = model_init_args(args.config, **({"scoring": args.scoring} if args.scoring else {}), **overrides)
         model = Smai(**init_args).eval()
-        label = f"{args.config} (untrained), {init_args.get('scoring')} scoring"
+        label = f"{args.config} (untrained), {init_args.get('scoring')} scoring {overrides}"
     datamodule = MVTecAD(root=args.root, category=args.category, eval_batch_size=8, num_workers=0)
     datamodule.setup()
     if model.needs_calibration:  # an export needs statistics; here from training images

@@ -52,24 +52,28 @@ LEVERS: dict[str, dict[str, Any]] = {
     "map: the measures' average (inpainting counted below its normal level too)": {"average_map": True},
     "memory alone (no inpainting)": {"score_measure": "memory"},
     "inpainting alone (msgms)": {"score_measure": "msgms"},
+    "inpaint the 8 superpixels the memory ranks highest": {"inpainted_superpixels": 8},
+    "inpaint the 4 superpixels the memory ranks highest": {"inpainted_superpixels": 4},
 }
 
 
 class CachedComparison(nn.Module):
     """Stands in for the model's ``anomaly_map_generator``: each batch of images is inpainted once.
 
-    Keyed by the bytes of the batch it is given (the inpainting's input), so that every lever
-    that inpaints the same images gets the same maps without running PEN-Net again.
+    Keyed by the bytes of the batch it is given (the inpainting's input) and of the passes' holes,
+    so that every lever that inpaints the same images the same way gets the same maps without
+    running PEN-Net again.
     """
 
-    def __init__(self, inner: nn.Module, cache: dict[str, torch.Tensor]) -> None:
+    def __init__(self, inner: nn.Module, cache: dict[str, Any]) -> None:
         super().__init__()
         self.inner, self.cache = inner, cache
 
-    def forward(self, generator: nn.Module, images: torch.Tensor, *args: Any) -> torch.Tensor:
-        key = hashlib.sha1(images.numpy().tobytes()).hexdigest() + str([m.value for m in self.inner.measures])
+    def compare(self, generator: nn.Module, images: torch.Tensor, holes: torch.Tensor, *args: Any) -> tuple:
+        key = hashlib.sha1(images.numpy().tobytes() + holes.numpy().tobytes()).hexdigest()
+        key += str([m.value for m in self.inner.measures]) + str(args)
         if key not in self.cache:
-            self.cache[key] = self.inner(generator, images, *args)
+            self.cache[key] = self.inner.compare(generator, images, holes, *args)
         return self.cache[key]
 
 

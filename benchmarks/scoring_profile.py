@@ -32,9 +32,19 @@ def milliseconds_per_image(function: Callable[[], object], batch: int, repeats: 
     return (time.perf_counter() - start) / repeats / batch * 1000
 
 
+def with_count(model: Smai, count: int, images: torch.Tensor) -> object:
+    """``model(images)`` inpainting only the ``count`` most suspicious superpixels."""
+    kept, model.model.inpainted_superpixels = model.model.inpainted_superpixels, count
+    try:
+        return model(images)
+    finally:
+        model.model.inpainted_superpixels = kept
+
+
 def main() -> None:
     parser = script_parser(__doc__, config_help="without --ckpt (untrained: the same cost)")
     parser.add_argument("--ckpt", type=Path, help="trained checkpoint (else --config, untrained)")
+    parser.add_argument("--inpainted-superpixels", type=int, nargs="+", default=[], help="also time these values")
     args = parser.parse_args()
 
     if args.ckpt:
@@ -54,6 +64,10 @@ def main() -> None:
             "whole `Smai.forward`": lambda x: model(x),
             "torch model, `model.model(x)`": lambda x: core(x),
             "torch model with the reconstruction (test and predict steps)": lambda x: core(x, reconstruct=True),
+            **{
+                f"`Smai.forward`, inpainted_superpixels={count}": lambda x, count=count: with_count(model, count, x)
+                for count in args.inpainted_superpixels
+            },
             "difference maps (every measure, before calibration)": lambda x: core.difference_maps(x),
         }
         if scorer is not None:  # the inpainting, at its own size

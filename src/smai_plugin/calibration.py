@@ -186,10 +186,23 @@ class NormalStatistics(nn.Module):
         self._check(maps)
         return maps / self.level
 
-    def _check(self, maps: torch.Tensor) -> None:
+    def normal_mean(self, channels: list[int]) -> torch.Tensor:
+        """Return the normal mean maps of the measures ``channels``, ``(1, len(channels), H, W)``.
+
+        Raises:
+            ValueError: If the statistics are missing.
+
+        """
+        self._check_fitted()
+        return self.mean[:, channels]
+
+    def _check_fitted(self) -> None:
         if not self.is_fitted:
             msg = "The normal statistics are not fitted: SMAI calibrates on the training images when fitting."
             raise SmaiInputError(msg)
+
+    def _check(self, maps: torch.Tensor) -> None:
+        self._check_fitted()
         if maps.shape[1] != self.mean.shape[1]:
             msg = (
                 f"The normal statistics were fitted for {self.mean.shape[1]} score measure(s), but the model now "

@@ -156,6 +156,12 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             ``image_size``) for the superpixels, PEN-Net and the inpainting's measures, whose maps
             are resized back; the memory sees the images at ``image_size``. Multiples of 64;
             ``None`` inpaints at ``image_size``. Defaults to ``None``.
+        inpainted_superpixels (int | None): When scoring, inpaint only this many superpixels per
+            image: those the memory finds farthest from normal (highest mean distance); the
+            inpainting's measures read as their normal mean elsewhere, so the map there is the
+            memory's. Needs the ``memory`` measure beside an inpainting one and ``windowed`` or
+            ``leave_one_out`` scoring; the calibration inpaints every superpixel. ``None``
+            inpaints all. Defaults to ``None``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for the default resize
             (no normalisation: SMAI works on ``[0, 1]`` images). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor or flag. Defaults to ``True``.
@@ -205,6 +211,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         memory_neighbourhood: int = 3,
         image_score_measure: str | Sequence[str] | None = None,
         inpaint_size: int | tuple[int, int] | None = None,
+        inpainted_superpixels: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -232,6 +239,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             memory_neighbourhood=memory_neighbourhood,
             image_score_measure=image_score_measure,
             inpaint_size=_square(inpaint_size),
+            inpainted_superpixels=inpainted_superpixels,
         )
         discriminator = PenNetDiscriminator(discriminator_channels)
         loss = SmaiLoss(hole_weight, valid_weight, pyramid_weight, adversarial_weight, ssim_weight)

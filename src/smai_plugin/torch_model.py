@@ -174,6 +174,12 @@ class SmaiModel(nn.Module):
         inpaint_size (tuple[int, int] | None): Size the images are resized to for the superpixels,
             the inpainting and its measures, whose maps are resized back; the ``memory`` measure
             sees the images as they come. ``None`` inpaints them as they come. Defaults to ``None``.
+        inpainted_superpixels (int | None): With the ``memory`` measure and one superpixel per
+            pass (``windowed`` or ``leave_one_out``): when scoring, inpaint only this many
+            superpixels per image, those whose mean memory distance is highest; elsewhere the
+            inpainting's measures read as their normal mean (see :meth:`most_suspicious`). The
+            calibration inpaints every superpixel. ``None`` inpaints every superpixel.
+            Defaults to ``None``.
 
     """
 
@@ -198,6 +204,7 @@ class SmaiModel(nn.Module):
         inpaint_size: tuple[int, int] | None = None,
         memory_sampling: MemorySampling | str = MemorySampling.CORESET,
         memory_neighbourhood: int = 3,
+        inpainted_superpixels: int | None = None,
     ) -> None:
         super().__init__()
         check_int(window_size, "window_size", minimum=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)  # PEN-Net's input
@@ -253,6 +260,18 @@ class SmaiModel(nn.Module):
             raise SmaiInputError(msg)
         # Channels of the maps that give the image score, in the maps' order (a constant for export).
         self.image_score_channels = [index for index, measure in enumerate(measures) if measure in chosen]
+        # Channels the inpainting's measures fill, in the maps' order.
+        self.compared_channels = [index for index, measure in enumerate(measures) if measure != ScoreMeasure.MEMORY]
+        if inpainted_superpixels is not None:
+            check_int(inpainted_superpixels, "inpainted_superpixels")
+            if self.memory is None or self.anomaly_map_generator is None or self.scoring == ScoringMode.GROUPED:
+                msg = (
+                    "inpainted_superpixels needs the memory to rank the superpixels, an inpainting measure and one "
+                    "superpixel per pass: score_measure with 'memory' and another measure, scoring 'windowed' or "
+                    "'leave_one_out'."
+                )
+                raise SmaiInputError(msg)
+        self.inpainted_superpixels = inpainted_superpixels
         self.register_load_state_dict_pre_hook(self._drop_unused_memory)
 
     @staticmethod
@@ -397,7 +416,11 @@ class SmaiModel(nn.Module):
         return self.compare(images, leave_out)[0]
 
     def compare(
-        self, images: torch.Tensor, leave_out: torch.Tensor | None = None, reconstruct: bool = False
+        self,
+        images: torch.Tensor,
+        leave_out: torch.Tensor | None = None,
+        reconstruct: bool = False,
+        every_superpixel: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the difference maps (see :meth:`difference_maps`) and, if asked, the reconstruction.
 
@@ -405,27 +428,56 @@ class SmaiModel(nn.Module):
         inpainting of the pass whose hole covered it (its superpixel, masked and inpainted from
         the rest), the original where no pass covered it; in ``[0, 1]``, at the images' size
         (from ``inpaint_size``, bilinear). ``None`` without inpainting (the memory alone).
+        ``every_superpixel`` inpaints them all even with ``inpainted_superpixels`` (the calibration does).
         """
         size = images.shape[-2:]
-        reconstruction = None
+        reconstruction = distance = None
+        if self.memory is not None:
+            distance = smooth(self.memory(self.memory_embedding(images), size, leave_out), self.sigma)
+        maps = [distance] * len(self.measures)
         if self.anomaly_map_generator is not None:
             small = self.inpainting_input(images)
             window = self.window(small) if self.scoring == ScoringMode.WINDOWED else None
             holes = self.pass_holes(small)
+            chosen = self.inpainted_superpixels is not None and not every_superpixel
+            if chosen:
+                holes = self.most_suspicious(holes, distance)
             compared, assembled = self.anomaly_map_generator.compare(
                 self.generator, to_signed(small), holes, window, reconstruct
             )
             if compared.shape[-2:] != size:
                 compared = F.interpolate(compared, size=size, mode="bilinear", align_corners=False)
-            channels = iter(compared.split(1, dim=1))
+            if chosen:  # elsewhere the measures read as normal
+                covered = F.interpolate(holes.amax(dim=1, keepdim=True), size=size, mode="nearest") > 0
+                compared = torch.where(covered, compared, self.normal_statistics.normal_mean(self.compared_channels))
+            for index, channel in zip(self.compared_channels, compared.split(1, dim=1), strict=True):
+                maps[index] = channel
             if reconstruct:
                 reconstruction = to_unit_range(assembled)
                 if reconstruction.shape[-2:] != size:
                     reconstruction = F.interpolate(reconstruction, size=size, mode="bilinear", align_corners=False)
-        if self.memory is not None:
-            distance = smooth(self.memory(self.memory_embedding(images), size, leave_out), self.sigma)
-        maps = torch.cat([distance if m == ScoreMeasure.MEMORY else next(channels) for m in self.measures], dim=1)
-        return maps, reconstruction
+        return torch.cat(maps, dim=1), reconstruction
+
+    def most_suspicious(self, holes: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+        """Keep the ``inpainted_superpixels`` passes whose hole has the highest mean memory distance.
+
+        The memory is cheap and already ranks regions; inpainting only its most suspicious
+        superpixels keeps the inpainting's say where a defect can be, at a fixed number of passes
+        (a static graph for export). Empty holes come last.
+
+        Args:
+            holes (torch.Tensor): One hole per pass, ``(B, P, h, w)`` at the inpainting's size.
+            distance (torch.Tensor): The memory's map ``(B, 1, H, W)``.
+
+        Returns:
+            torch.Tensor: The chosen holes, ``(B, min(inpainted_superpixels, P), h, w)``, most suspicious first.
+
+        """
+        distance = F.interpolate(distance, size=holes.shape[-2:], mode="bilinear", align_corners=False)
+        area = holes.sum(dim=(2, 3))
+        mean = ((holes * distance).sum(dim=(2, 3)) / area.clamp(min=1)).masked_fill(area == 0, -1.0)
+        chosen = mean.topk(min(self.inpainted_superpixels, holes.shape[1]), dim=1).indices
+        return holes.gather(1, chosen[:, :, None, None].expand(-1, -1, *holes.shape[-2:]))
 
     def inpainting_input(self, images: torch.Tensor) -> torch.Tensor:
         """Resize images to ``inpaint_size`` (bilinear, antialiased), or leave them as they are.
@@ -511,12 +563,12 @@ class SmaiModel(nn.Module):
             self.train(was_training)
 
     def _normal_maps(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Difference maps of the calibration images, numbered as the memory's fit numbered them."""
+        """Difference maps of the calibration images (every superpixel inpainted), numbered as the memory's fit."""
         first = 0
         for images in batches:
             leave_out = torch.arange(first, first + len(images), device=images.device)
             first += len(images)
-            yield self.difference_maps(images, leave_out if self.memory is not None else None)
+            yield self.compare(images, leave_out if self.memory is not None else None, every_superpixel=True)[0]
 
     def training_inputs(self, images: torch.Tensor, n_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the training holes, matched to how ``scoring`` will use the generator.
