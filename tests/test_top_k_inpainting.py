@@ -32,9 +32,14 @@ def test_the_passes_with_the_highest_mean_distance_are_kept() -> None:
 
 
 def images(count: int = 3) -> torch.Tensor:
-    return torch.stack(
-        [torch.from_numpy(real_image("hazelnut_toy", "train", index, size=64).copy()) for index in range(count)]
-    ).permute(0, 3, 1, 2).float() / 255
+    return (
+        torch.stack(
+            [torch.from_numpy(real_image("hazelnut_toy", "train", index, size=64).copy()) for index in range(count)]
+        )
+        .permute(0, 3, 1, 2)
+        .float()
+        / 255
+    )
 
 
 @pytest.mark.parametrize("scoring", [ScoringMode.WINDOWED, ScoringMode.LEAVE_ONE_OUT])
