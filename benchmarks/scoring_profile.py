@@ -73,7 +73,7 @@ def main() -> None:
         if scorer is not None:  # the inpainting, at its own size
             parts["SLIC superpixels"] = lambda x: core.masker(core.inpainting_input(x))
             for measure in scorer.measures:
-                parts[f"measure `{measure.value}` alone"] = lambda x, m=measure: scorer.dissimilarity.measure(
+                parts[f"measure `{measure.value}` alone"] = lambda x, m=measure: scorer.dissimilarity.pixel_measure(
                     m, to_signed(core.inpainting_input(x)), to_signed(core.inpainting_input(x))
                 )
         if core.memory is not None:
