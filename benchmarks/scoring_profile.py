@@ -45,6 +45,7 @@ def main() -> None:
     parser = script_parser(__doc__, config_help="without --ckpt (untrained: the same cost)")
     parser.add_argument("--ckpt", type=Path, help="trained checkpoint (else --config, untrained)")
     parser.add_argument("--inpainted-superpixels", type=int, nargs="+", default=[], help="also time these values")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per part, after one warm-up")
     args = parser.parse_args()
 
     if args.ckpt:
@@ -81,7 +82,7 @@ def main() -> None:
                 core.memory_embedding(x), x.shape[-2:]
             )
         for name, part in parts.items():
-            times = [milliseconds_per_image(lambda b=b, part=part: part(images[:b]), b) for b in (1, 8)]
+            times = [milliseconds_per_image(lambda b=b, part=part: part(images[:b]), b, args.repeats) for b in (1, 8)]
             rows.append([name, f"{times[0]:.1f}", f"{times[1]:.1f}"])
     print(markdown_table(["part", "ms/image, batch 1", "ms/image, batch 8"], rows))
 

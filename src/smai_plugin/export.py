@@ -48,7 +48,9 @@ class SmaiExportMixin:
 
     needs_calibration: bool
     _trained_on: str | None
-    _export_reconstruction: bool
+    # True only while an export adds the reconstruction to the graph's outputs; a class default,
+    # so models pickled by earlier versions (Torch exports) have it too.
+    _export_reconstruction: bool = False
 
     def to_onnx(
         self,

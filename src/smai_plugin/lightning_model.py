@@ -281,8 +281,6 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         self._calibration_stale = False
         # What the generator learnt on (crops or whole images), saved with checkpoints.
         self._trained_on: str | None = None
-        # Set only while an export adds the reconstruction to the graph's outputs.
-        self._export_reconstruction = False
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:

@@ -183,6 +183,8 @@ class SmaiModel(nn.Module):
 
     """
 
+    inpainted_superpixels: int | None = None  # also for models pickled before the setting existed
+
     def __init__(
         self,
         n_superpixels: int = 77,
@@ -260,8 +262,6 @@ class SmaiModel(nn.Module):
             raise SmaiInputError(msg)
         # Channels of the maps that give the image score, in the maps' order (a constant for export).
         self.image_score_channels = [index for index, measure in enumerate(measures) if measure in chosen]
-        # Channels the inpainting's measures fill, in the maps' order.
-        self.compared_channels = [index for index, measure in enumerate(measures) if measure != ScoreMeasure.MEMORY]
         if inpainted_superpixels is not None:
             check_int(inpainted_superpixels, "inpainted_superpixels")
             if self.memory is None or self.anomaly_map_generator is None or self.scoring == ScoringMode.GROUPED:
@@ -286,6 +286,11 @@ class SmaiModel(nn.Module):
             unused.append(f"{prefix}memory.")
         for key in [key for key in state_dict if key.startswith(tuple(unused))]:
             del state_dict[key]
+
+    @property
+    def compared_channels(self) -> list[int]:
+        """Channels of the maps that the inpainting's measures fill, in the maps' order."""
+        return [index for index, measure in enumerate(self.measures) if measure != ScoreMeasure.MEMORY]
 
     def train(self, mode: bool = True) -> "SmaiModel":
         """Switch modes; the attention budget applies to inference only."""
