@@ -1,7 +1,7 @@
 """anomalib's image dataclasses with one more field: SMAI's ``reconstruction``.
 
-What the part should have looked like: every superpixel inpainted from its normal context,
-assembled into one image (see :meth:`~smai_plugin.anomaly_map.AnomalyMapGenerator.compare`).
+What the part should have looked like: the superpixels SMAI inpainted, each from its normal
+context, put back into the image (see :meth:`~smai_plugin.anomaly_map.AnomalyMapGenerator.compare`).
 anomalib 2.7's ``ImageBatch`` has no field for it, and its callbacks work on the batch object
 itself (the post-processor normalises it in place, the evaluator and the visualizer read it),
 so SMAI's scoring steps make each ``ImageBatch`` a :class:`SmaiImageBatch` in place

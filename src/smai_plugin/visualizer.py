@@ -1,7 +1,7 @@
 """SMAI's default visualizer: anomalib's image visualizer with the reconstruction beside each image.
 
-An inpainting detector can show what the part should have looked like: every superpixel
-inpainted from its normal surroundings (:class:`~smai_plugin.batch.SmaiImageBatch`'s
+An inpainting detector can show what the part should have looked like: the superpixels it
+inpainted, each from its normal surroundings, put back into the image (:class:`~smai_plugin.batch.SmaiImageBatch`'s
 ``reconstruction``). :class:`SmaiVisualizer` is anomalib's ``ImageVisualizer`` (same fields,
 overlays, configuration and output files) that inserts that reconstruction as a panel after
 the first one, so by default each picture reads image | reconstruction | ground truth |
