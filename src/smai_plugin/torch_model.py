@@ -85,10 +85,29 @@ def random_superpixels(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor
         [[1.0, 1.0, 1.0]]
 
     """
-    non_empty = superpixels.flatten(2).amax(2) > 0  # (B, K)
-    priority = torch.rand(non_empty.shape, device=superpixels.device).masked_fill(~non_empty, -1.0)
-    chosen = priority.topk(min(n_masked, superpixels.shape[1]), dim=1).indices  # (B, n)
-    return superpixels.gather(1, chosen[:, :, None, None].expand(-1, -1, *superpixels.shape[-2:]))
+    return highest_masks(superpixels, torch.rand(superpixels.shape[:2], device=superpixels.device), n_masked)
+
+
+def highest_masks(masks: torch.Tensor, priority: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep the ``count`` masks of each image with the highest ``priority``, highest first; empty ones last.
+
+    Args:
+        masks (torch.Tensor): Masks ``(B, K, H, W)``.
+        priority (torch.Tensor): Non-negative priority of each mask, ``(B, K)``.
+        count (int): Masks to keep; a fixed number, so the selection exports as a constant ``topk``.
+
+    Returns:
+        torch.Tensor: The kept masks ``(B, min(count, K), H, W)``.
+
+    Example:
+        >>> masks = torch.eye(3).reshape(1, 3, 3, 1) * torch.tensor([1.0, 0.0, 1.0])[:, None, None]  # mask 1 empty
+        >>> highest_masks(masks, torch.tensor([[0.2, 0.9, 0.5]]), 2).flatten(2).argmax(2).tolist()
+        [[2, 0]]
+
+    """
+    empty = masks.flatten(2).amax(2) == 0  # (B, K)
+    chosen = priority.masked_fill(empty, -1.0).topk(min(count, masks.shape[1]), dim=1).indices
+    return masks.gather(1, chosen[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
 
 
 def random_superpixel_holes(superpixels: torch.Tensor, n_masked: int) -> torch.Tensor:
@@ -479,10 +498,8 @@ class SmaiModel(nn.Module):
 
         """
         distance = F.interpolate(distance, size=holes.shape[-2:], mode="bilinear", align_corners=False)
-        area = holes.sum(dim=(2, 3))
-        mean = ((holes * distance).sum(dim=(2, 3)) / area.clamp(min=1)).masked_fill(area == 0, -1.0)
-        chosen = mean.topk(min(self.inpainted_superpixels, holes.shape[1]), dim=1).indices
-        return holes.gather(1, chosen[:, :, None, None].expand(-1, -1, *holes.shape[-2:]))
+        mean = (holes * distance).sum(dim=(2, 3)) / holes.sum(dim=(2, 3)).clamp(min=1)
+        return highest_masks(holes, mean, self.inpainted_superpixels)
 
     def inpainting_input(self, images: torch.Tensor) -> torch.Tensor:
         """Resize images to ``inpaint_size`` (bilinear, antialiased), or leave them as they are.
