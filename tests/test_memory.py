@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smai_plugin.memory import FeatureMemory, greedy_coreset
+from smai_plugin.memory import FeatureMemory, first_argmin, greedy_coreset
 from smai_plugin.torch_model import SmaiModel
 
 
@@ -33,6 +33,17 @@ def test_distance_is_euclidean_to_the_nearest_normal_patch() -> None:
     distance = memory(queries, size=(1, 4))[0, 0, 0]
     # itself; 3 from [3, 0] and from [0, 4]; sqrt(2) from [0, 0]; 1 from [10, 10].
     torch.testing.assert_close(distance, torch.tensor([0.0, 3.0, 2**0.5, 1.0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 5, 64, 100, 4096])
+def test_the_two_step_argmin_finds_the_first_smallest_value_as_argmin_does(length: int) -> None:
+    generator = torch.Generator().manual_seed(length)
+    # Few distinct values, so that most rows hold ties, across and within groups of 8.
+    values = torch.randint(0, 4, (6, 3, length), generator=generator).float()
+    values[0, 0] = float("inf")  # a row whose vectors are all left out
+    values[0, 1, -1] = -1.0  # the smallest value last, in a group that padding fills
+    torch.testing.assert_close(first_argmin(values, group=8), values.argmin(-1), rtol=0, atol=0)
+    assert int(first_argmin(values, group=8)[0, 1]) == length - 1
 
 
 def test_leave_out_ignores_only_the_images_own_patches() -> None:
