@@ -151,13 +151,19 @@ class SuperpixelMasker(nn.Module):
         )  # (H, W, 3, 3)
         valid = row_ok[:, None, :, None] & col_ok[None, :, None, :]
         candidates = candidates.reshape(height * width, 9)
-        invalid_penalty = (~valid).reshape(1, height * width, 9).to(images.dtype) * 1e10
+        invalid_penalty = (~valid).reshape(height * width, 9).T.to(images.dtype) * 1e10  # (9, HW)
 
+        # The distances are computed channels first, pixels last, (B, 5, 9, HW): OpenVINO vectorises
+        # along the last axis, and in anomalib's export (dynamic batch) it runs these operations
+        # unfused, where a last axis of 5 made SLIC twice as slow. The argmin runs along a
+        # contiguous last axis, as torch's fast kernel wants. Same labels either way.
+        pixels = features.transpose(1, 2)[:, :, None, :]  # (B, 5, 1, HW)
         labels = cell.expand(batch, -1)
         for _ in range(self.slic_iterations):
-            candidate_centres = centres[:, candidates]  # (B, HW, 9, 5)
-            distance = (features[:, :, None, :] - candidate_centres).pow(2).sum(-1) + invalid_penalty
-            labels = torch.gather(candidates.expand(batch, -1, -1), 2, distance.argmin(-1, keepdim=True)).squeeze(2)
+            candidate_centres = centres.transpose(1, 2)[:, :, candidates.T]  # (B, 5, 9, HW)
+            distance = (pixels - candidate_centres).pow(2).sum(1) + invalid_penalty  # (B, 9, HW)
+            nearest = distance.transpose(1, 2).contiguous().argmin(2, keepdim=True)  # (B, HW, 1)
+            labels = torch.gather(candidates.expand(batch, -1, -1), 2, nearest).squeeze(2)
             centres = self._update_centres(features, labels, rows * cols, centres)
         return labels.reshape(batch, height, width)
 
