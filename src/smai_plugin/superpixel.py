@@ -32,6 +32,7 @@ import math
 import torch
 from kornia.color import rgb_to_lab
 from torch import nn
+from torch._higher_order_ops.scan import scan  # torch's loop for export, still under a private name
 
 from ._config import check_int
 from .errors import SmaiInputError
@@ -133,11 +134,10 @@ class SuperpixelMasker(nn.Module):
         features = torch.cat([rgb_to_lab(images), position.expand(batch, -1, -1, -1)], dim=1)
         features = features.flatten(2).transpose(1, 2)  # (B, HW, 5)
 
-        # Initial centres: mean feature of each grid cell.
+        # Each pixel's grid cell: the initial superpixels.
         cell_row = (ys * rows / height).long().clamp(max=rows - 1)
         cell_col = (xs * cols / width).long().clamp(max=cols - 1)
         cell = (cell_row[:, None] * cols + cell_col[None, :]).flatten()  # (HW,)
-        centres = self._update_centres(features, cell.expand(batch, -1), rows * cols, None)
 
         # Candidate centres of each pixel: the 3x3 neighbourhood of its grid cell.
         offsets = torch.tensor([-1, 0, 1], device=images.device)
@@ -152,11 +152,41 @@ class SuperpixelMasker(nn.Module):
         valid = row_ok[:, None, :, None] & col_ok[None, :, None, :]
         candidates = candidates.reshape(height * width, 9)
         invalid_penalty = (~valid).reshape(height * width, 9).T.to(images.dtype) * 1e10  # (9, HW)
+        grid = (cell, candidates, invalid_penalty, torch.arange(rows * cols, device=images.device))
 
+        if torch.compiler.is_exporting():
+            # One image at a time, in a loop of the exported graph (ONNX Scan). With anomalib's
+            # dynamic batch OpenVINO runs SLIC's elementwise operations unfused, one by one; in the
+            # loop's body their shapes are fixed and it fuses them: SLIC twice as fast, same labels
+            # (docs/deploy.md). The grid tensors travel as the loop's state: created inside its
+            # body they would not export.
+            def one_image(state: list[torch.Tensor], image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+                return [tensor.clone() for tensor in state], self._iterate(image[None], *state)[0]
+
+            labels = scan(one_image, list(grid), features)[1]
+        else:
+            labels = self._iterate(features, *grid)
+        return labels.reshape(batch, height, width)
+
+    def _iterate(
+        self,
+        features: torch.Tensor,
+        cell: torch.Tensor,
+        candidates: torch.Tensor,
+        invalid_penalty: torch.Tensor,
+        centre_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """SLIC's iterations from the grid's cells: labels ``(B, HW)`` of pixel features ``(B, HW, 5)``.
+
+        ``cell`` ``(HW,)`` is each pixel's grid cell, ``candidates`` ``(HW, 9)`` the centres it
+        may join, ``invalid_penalty`` ``(9, HW)`` rules out candidates past the grid's edge and
+        ``centre_ids`` numbers the centres.
+        """
+        batch = features.shape[0]
+        centres = self._update_centres(features, cell.expand(batch, -1), centre_ids, None)
         # The distances are computed channels first, pixels last, (B, 5, 9, HW): OpenVINO vectorises
-        # along the last axis, and in anomalib's export (dynamic batch) it runs these operations
-        # unfused, where a last axis of 5 made SLIC twice as slow. The argmin runs along a
-        # contiguous last axis, as torch's fast kernel wants. Same labels either way.
+        # along the last axis, where a last axis of 5 made SLIC twice as slow. The argmin runs along
+        # a contiguous last axis, as torch's fast kernel wants. Same labels either way.
         pixels = features.transpose(1, 2)[:, :, None, :]  # (B, 5, 1, HW)
         labels = cell.expand(batch, -1)
         for _ in range(self.slic_iterations):
@@ -164,14 +194,14 @@ class SuperpixelMasker(nn.Module):
             distance = (pixels - candidate_centres).pow(2).sum(1) + invalid_penalty  # (B, 9, HW)
             nearest = distance.transpose(1, 2).contiguous().argmin(2, keepdim=True)  # (B, HW, 1)
             labels = torch.gather(candidates.expand(batch, -1, -1), 2, nearest).squeeze(2)
-            centres = self._update_centres(features, labels, rows * cols, centres)
-        return labels.reshape(batch, height, width)
+            centres = self._update_centres(features, labels, centre_ids, centres)
+        return labels
 
     @staticmethod
     def _update_centres(
         features: torch.Tensor,
         labels: torch.Tensor,
-        n_centres: int,
+        centre_ids: torch.Tensor,
         previous: torch.Tensor | None,
     ) -> torch.Tensor:
         """Mean feature per label; a centre with no pixels keeps its previous position.
@@ -181,7 +211,8 @@ class SuperpixelMasker(nn.Module):
         scatter-add would count in bf16, which stops at 256.
         """
         with_ones = torch.cat([features, torch.ones_like(features[..., :1])], dim=2)  # (B, HW, F + 1)
-        totals = one_hot_labels(labels, n_centres, features.dtype).transpose(1, 2) @ with_ones  # (B, K, F + 1)
+        one_hot = (labels[..., None] == centre_ids).to(features.dtype)  # (B, HW, K)
+        totals = one_hot.transpose(1, 2) @ with_ones  # (B, K, F + 1)
         sums, counts = totals[..., :-1], totals[..., -1:]
         means = sums / counts.clamp(min=1)
         return means if previous is None else torch.where(counts > 0, means, previous)
