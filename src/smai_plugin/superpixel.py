@@ -157,9 +157,9 @@ class SuperpixelMasker(nn.Module):
         if torch.compiler.is_exporting():
             # One image at a time, in a loop of the exported graph (ONNX Scan). With anomalib's
             # dynamic batch OpenVINO runs SLIC's elementwise operations unfused, one by one; in the
-            # loop's body their shapes are fixed and it fuses them: SLIC twice as fast, same labels
-            # (docs/deploy.md). The grid tensors travel as the loop's state: created inside its
-            # body they would not export.
+            # loop's body their shapes are fixed and it fuses them: SLIC twice as fast, the same
+            # labels but for float near-ties (docs/deploy.md). The grid tensors travel as the loop's
+            # state: created inside its body they would not export.
             def one_image(state: list[torch.Tensor], image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
                 return [tensor.clone() for tensor in state], self._iterate(image[None], *state)[0]
 
