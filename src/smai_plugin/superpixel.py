@@ -62,9 +62,12 @@ def superpixel_grid(n_superpixels: int, height: int, width: int) -> tuple[int, i
     return rows, cols
 
 
-def one_hot_labels(labels: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """One-hot encode along a new last axis (a comparison, which every exporter handles)."""
-    return (labels[..., None] == torch.arange(n_classes, device=labels.device)).to(dtype)
+def one_hot_labels(labels: torch.Tensor, classes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot encode along a new last axis, an entry per value of ``classes`` (a comparison: every exporter has it).
+
+    ``classes`` is a tensor, not a count, so that SLIC's loop in an export can take it in as state.
+    """
+    return (labels[..., None] == classes).to(dtype)
 
 
 class SuperpixelMasker(nn.Module):
@@ -188,9 +191,10 @@ class SuperpixelMasker(nn.Module):
         # along the last axis, where a last axis of 5 made SLIC twice as slow. The argmin runs along
         # a contiguous last axis, as torch's fast kernel wants. Same labels either way.
         pixels = features.transpose(1, 2)[:, :, None, :]  # (B, 5, 1, HW)
+        candidates_by_rank = candidates.T  # (9, HW)
         labels = cell.expand(batch, -1)
         for _ in range(self.slic_iterations):
-            candidate_centres = centres.transpose(1, 2)[:, :, candidates.T]  # (B, 5, 9, HW)
+            candidate_centres = centres.transpose(1, 2)[:, :, candidates_by_rank]  # (B, 5, 9, HW)
             distance = (pixels - candidate_centres).pow(2).sum(1) + invalid_penalty  # (B, 9, HW)
             nearest = distance.transpose(1, 2).contiguous().argmin(2, keepdim=True)  # (B, HW, 1)
             labels = torch.gather(candidates.expand(batch, -1, -1), 2, nearest).squeeze(2)
@@ -211,8 +215,7 @@ class SuperpixelMasker(nn.Module):
         scatter-add would count in bf16, which stops at 256.
         """
         with_ones = torch.cat([features, torch.ones_like(features[..., :1])], dim=2)  # (B, HW, F + 1)
-        one_hot = (labels[..., None] == centre_ids).to(features.dtype)  # (B, HW, K)
-        totals = one_hot.transpose(1, 2) @ with_ones  # (B, K, F + 1)
+        totals = one_hot_labels(labels, centre_ids, features.dtype).transpose(1, 2) @ with_ones  # (B, K, F + 1)
         sums, counts = totals[..., :-1], totals[..., -1:]
         means = sums / counts.clamp(min=1)
         return means if previous is None else torch.where(counts > 0, means, previous)
@@ -232,7 +235,7 @@ class SuperpixelMasker(nn.Module):
 
     def masks(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Turn labels ``(B, H, W)`` into ``n_superpixels`` binary masks ``(B, n_superpixels, H, W)``."""
-        return one_hot_labels(labels, self.n_superpixels, dtype).permute(0, 3, 1, 2)
+        return one_hot_labels(labels, torch.arange(self.n_superpixels, device=labels.device), dtype).permute(0, 3, 1, 2)
 
 
 class SuperpixelCache:
