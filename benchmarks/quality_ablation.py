@@ -44,6 +44,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "image score from every measure": {"image_score_measure": ["msgms", "memory"]},
     "memory: random sample instead of coreset": {"memory_sampling": "random"},
     "memory: no neighbourhood aggregation": {"memory_neighbourhood": 1},
+    "memory: never whitened": {"memory_whitening": False},
+    "memory: always whitened": {"memory_whitening": True},
     "memory of 1024 patches": {"memory_size": 1024},
     "memory of 16384 patches": {"memory_size": 16384},
     "everything at 128 px (memory too)": {"image_size": [128, 128], "inpaint_size": None},
@@ -79,15 +81,15 @@ class CachedComparison(nn.Module):
         return self.cache[key]
 
 
-def cache_memory(memory: nn.Module, key: str, cache: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def cache_memory(memory: nn.Module, key: str, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
     """Fit the memory once per key (its settings and image size): the greedy coreset is the slow part."""
     fit = memory.fit
 
     def cached_fit(embeddings: Iterator[torch.Tensor]) -> None:
         if key not in cache:
             fit(embeddings)
-            cache[key] = memory.bank, memory.source
-        memory.bank, memory.source = cache[key]
+            cache[key] = memory.bank, memory.source, memory.centre, memory.whiten
+        memory.bank, memory.source, memory.centre, memory.whiten = cache[key]
 
     memory.fit = cached_fit
 
@@ -123,7 +125,7 @@ def evaluate(checkpoint: Path, settings: dict[str, Any], data: MVTecAD, cache: d
         torch_model.anomaly_map_generator = CachedComparison(torch_model.anomaly_map_generator, cache)
     if torch_model.memory is not None:
         memory = torch_model.memory
-        key = str((memory.size, memory.sampling, memory.neighbourhood, settings.get("image_size")))
+        key = str((memory.size, memory.sampling, memory.neighbourhood, memory.whitening, settings.get("image_size")))
         cache_memory(memory, key, cache)
     torch_model.calibrate([images for (images, _), _ in batches(model, data.train_data)])
     if global_calibration:

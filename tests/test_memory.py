@@ -1,9 +1,11 @@
-"""The memory of normal patches: its patch description, nearest neighbours, leave-out, coreset, checkpoints."""
+"""The memory of normal patches: description, whitening, nearest neighbours, leave-out, coreset, checkpoints."""
+
+import math
 
 import pytest
 import torch
 
-from smai_plugin.memory import FeatureMemory, first_argmin, greedy_coreset
+from smai_plugin.memory import SHRINKAGE, FeatureMemory, first_argmin, greedy_coreset, position_share
 from smai_plugin.torch_model import SmaiModel
 
 
@@ -26,13 +28,39 @@ def test_embedding_averages_each_level_over_its_neighbourhood_and_joins_the_leve
 
 
 def test_distance_is_euclidean_to_the_nearest_normal_patch() -> None:
-    memory = FeatureMemory(size=100)
+    memory = FeatureMemory(size=100, whitening=False)
     memory.fit([patches([0.0, 0.0], [3.0, 0.0]), patches([0.0, 4.0], [10.0, 10.0])])
     assert tuple(memory.bank.shape) == (4, 2)
     queries = patches([0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [9.0, 10.0])
     distance = memory(queries, size=(1, 4))[0, 0, 0]
     # itself; 3 from [3, 0] and from [0, 4]; sqrt(2) from [0, 0]; 1 from [10, 10].
     torch.testing.assert_close(distance, torch.tensor([0.0, 3.0, 2**0.5, 1.0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0])
+def test_whitened_distances_count_each_direction_by_how_much_normal_patches_vary_along_it(angle: float) -> None:
+    # Normal patches vary 10x more along the first axis than along the second (turned by ``angle``:
+    # the whitening follows the covariance's axes, not the channels).
+    turn = torch.tensor(math.radians(angle))
+    rotation = torch.stack([torch.stack([turn.cos(), -turn.sin()]), torch.stack([turn.sin(), turn.cos()])])
+
+    def turned(*rows: list[float]) -> torch.Tensor:
+        return patches(*((rotation @ torch.tensor(row)).tolist() for row in rows))
+
+    memory = FeatureMemory(size=100, whitening=True)
+    memory.fit([turned([-10.0, 0.0], [10.0, 0.0]), turned([0.0, -1.0], [0.0, 1.0])])
+    assert memory.is_whitened
+    # Mean 0; variances (n - 1 = 3) 200/3 and 2/3 along the axes, shrunk by SHRINKAGE of their mean.
+    shrink = SHRINKAGE * (200 / 3 + 2 / 3) / 2
+    wide, narrow = (200 / 3 + shrink) ** -0.5, (2 / 3 + shrink) ** -0.5
+    distance = memory(turned([13.0, 0.0], [10.0, 1.0], [0.0, 0.0]), size=(1, 3))[0, 0, 0]
+    # 3 along the wide axis from [10, 0]; 1 along the narrow axis from [10, 0] now counts more;
+    # the mean is nearest to [0, +-1] (the narrow axis's unit, 10 times shorter than the wide one's).
+    torch.testing.assert_close(distance, torch.tensor([3 * wide, narrow, narrow]), atol=1e-4, rtol=0)
+    euclidean = FeatureMemory(size=100, whitening=False)
+    euclidean.fit([turned([-10.0, 0.0], [10.0, 0.0]), turned([0.0, -1.0], [0.0, 1.0])])
+    plain = euclidean(turned([13.0, 0.0], [10.0, 1.0]), size=(1, 2))[0, 0, 0]
+    torch.testing.assert_close(plain, torch.tensor([3.0, 1.0]), atol=1e-4, rtol=0)  # the other order
 
 
 @pytest.mark.parametrize("length", [1, 5, 64, 100, 4096])
@@ -46,8 +74,27 @@ def test_the_two_step_argmin_finds_the_first_smallest_value_as_argmin_does(lengt
     assert int(first_argmin(values, group=8)[0, 1]) == length - 1
 
 
+def test_the_memory_whitens_by_default_only_where_patches_do_not_depend_on_their_position() -> None:
+    # One channel, two positions: the same pair in both images puts all variance between the
+    # positions (share 1); the pair swapped in the second image puts none there (share 0).
+    aligned = [patches([0.0], [2.0]), patches([0.0], [2.0])]
+    texture = [patches([0.0], [2.0]), patches([2.0], [0.0])]
+    means = torch.tensor([[[0.0, 2.0]]])  # per-position means of the aligned pair, (C, h, w)
+    assert position_share(means, torch.tensor([[0.0], [2.0], [0.0], [2.0]])) == pytest.approx(1.0)
+    assert position_share(torch.ones(1, 1, 2), torch.tensor([[0.0], [2.0], [2.0], [0.0]])) == pytest.approx(0.0)
+    for images, share, whitened in ((aligned, 1.0, False), (texture, 0.0, True)):
+        chosen = FeatureMemory(size=10)
+        chosen.fit(images)
+        assert chosen.position_share == pytest.approx(share)
+        assert chosen.is_whitened == whitened
+        for forced in (True, False):  # an explicit setting wins over the measurement
+            memory = FeatureMemory(size=10, whitening=forced)
+            memory.fit(images)
+            assert memory.is_whitened == forced
+
+
 def test_leave_out_ignores_only_the_images_own_patches() -> None:
-    memory = FeatureMemory(size=100)
+    memory = FeatureMemory(size=100, whitening=False)
     first, second = patches([0.0, 0.0], [1.0, 0.0]), patches([0.0, 3.0], [5.0, 0.0])
     both = torch.cat([first, second])
     memory.fit([both])  # one batch: image 0, image 1
@@ -68,11 +115,11 @@ def test_the_coreset_covers_every_cluster_and_random_sampling_is_seeded() -> Non
     chosen = greedy_coreset(vectors, 3, torch.Generator().manual_seed(1))
     assert sorted(int(index >= 50) + int(index >= 55) for index in chosen) == [0, 1, 2]
     embedding = vectors.T[None, :, None, :]
-    coreset, sample = FeatureMemory(size=3), FeatureMemory(size=3, sampling="random")
+    coreset, sample = FeatureMemory(size=3, whitening=False), FeatureMemory(size=3, sampling="random", whitening=False)
     coreset.fit([embedding, embedding])
     sample.fit([embedding, embedding])
     torch.manual_seed(5)  # neither depends on the global random state
-    again = FeatureMemory(size=3, sampling="random")
+    again = FeatureMemory(size=3, sampling="random", whitening=False)
     again.fit([embedding, embedding])
     assert torch.equal(sample.bank, again.bank)
     # The coreset's farthest normal patch is near (clusters covered); a random sample misses the small ones.
@@ -90,6 +137,10 @@ def test_the_memory_travels_in_state_dicts_and_refuses_misuse() -> None:
     fresh.load_state_dict(memory.state_dict())
     torch.testing.assert_close(fresh(embedding, (8, 8)), memory(embedding, (8, 8)))
     assert "source" not in memory.state_dict()  # only the calibration after the fit needs it
+    # A memory saved before it whitened (a bank of unwhitened vectors) is fitted again.
+    legacy = FeatureMemory(size=20)
+    legacy.load_state_dict({"bank": memory.bank})
+    assert not legacy.is_fitted
     with pytest.raises(ValueError, match="not fitted"):
         FeatureMemory()(embedding, (8, 8))
     with pytest.raises(ValueError, match="at least 2"):

@@ -148,6 +148,13 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             ``"random"`` (a seeded sample). Defaults to ``"coreset"``.
         memory_neighbourhood (int): Side of the window the memory's features are averaged over
             (PatchCore's locally aware patches; odd, ``1``: none). Defaults to ``3``.
+        memory_whitening (bool | None): ``True`` measures the memory's distances in the space
+            whitened by the covariance of the normal patches (all positions together), so that
+            small changes normal patches never show count as much as their large, harmless
+            variation (it helps on textures); ``False``: plain Euclidean distances of the
+            features (better on aligned objects). ``None`` chooses from the training images:
+            whitened when less than 65% of the patches' feature variance lies between positions
+            (see :mod:`smai_plugin.memory`). Defaults to ``None``.
         image_score_measure (str | Sequence[str] | None): The measure(s) of ``score_measure``
             whose calibrated maps give the image score; every measure shapes the anomaly map.
             ``None`` takes ``"memory"`` where it is measured (it ranks images best on every
@@ -209,6 +216,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         memory_size: int = 4096,
         memory_sampling: str = "coreset",
         memory_neighbourhood: int = 3,
+        memory_whitening: bool | None = None,
         image_score_measure: str | Sequence[str] | None = None,
         inpaint_size: int | tuple[int, int] | None = None,
         inpainted_superpixels: int | None = None,
@@ -237,6 +245,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             memory_size=memory_size,
             memory_sampling=memory_sampling,
             memory_neighbourhood=memory_neighbourhood,
+            memory_whitening=memory_whitening,
             image_score_measure=image_score_measure,
             inpaint_size=_square(inpaint_size),
             inpainted_superpixels=inpainted_superpixels,

@@ -11,7 +11,20 @@ A patch's description (:meth:`FeatureMemory.embed`) is PatchCore's *locally awar
 EfficientNet-Lite0's blocks 2 and 4 (strides 8 and 16, 40 and 112 channels), each averaged over a
 ``neighbourhood`` x ``neighbourhood`` window of positions (so a patch also knows its surroundings),
 the coarser level resized to the finer level's grid, and the two concatenated: one 152-value vector
-per 8x8 pixels. Distances are Euclidean: the features' magnitude tells as much as their direction.
+per 8x8 pixels.
+
+Distances are Euclidean, in the features' own space or in a *whitened* one (``whitening``): the
+patch vectors centred on their normal mean and multiplied by the inverse square root of their
+normal covariance, fitted on all training patches together (one distribution for every
+position). A direction in which normal patches hardly vary then counts as much as one in which
+they vary a lot (PaDiM's Mahalanobis distance, here to the nearest normal patch instead of a
+per-position mean). The covariance is shrunk towards a multiple of the identity (``SHRINKAGE`` of
+its mean eigenvalue), so that directions with almost no normal variance do not turn noise into
+distance. Whitening helps where one distribution describes every position, as on a texture, and
+hurts where the position decides what a patch should be, as on an aligned object (docs/quality.md).
+By default (``whitening=None``) the memory chooses from the training images: it whitens when
+less than ``POSITION_SHARE`` of the patch vectors' variance lies between positions (the variance
+of the per-position mean over the total variance, :func:`position_share`).
 
 The memory is fitted before the calibration, on the same training images. It keeps at most
 ``size`` of their patch vectors: a greedy *coreset* (each next vector the one farthest from those
@@ -49,6 +62,10 @@ from .errors import SmaiInputError
 # exports as a fixed loop.
 CHUNK_VALUES = 2**22
 SEED = 0
+# The whitened covariance is the normal one plus this fraction of its mean eigenvalue on the diagonal.
+SHRINKAGE = 0.01
+# With ``whitening=None`` the memory whitens when less of its patches' variance lies between positions.
+POSITION_SHARE = 0.65
 # The nearest memory vector is searched in groups of this many (:func:`first_argmin`).
 ARGMIN_GROUP = 64
 
@@ -81,6 +98,28 @@ def first_argmin(values: torch.Tensor, group: int = ARGMIN_GROUP) -> torch.Tenso
     best_group = grouped.amin(-1).argmin(-1, keepdim=True)  # (..., 1)
     within = torch.gather(grouped, -2, best_group[..., None].expand(*grouped.shape[:-2], 1, group)).squeeze(-2)
     return best_group.squeeze(-1) * group + within.argmin(-1)
+
+
+def position_share(position_means: torch.Tensor, vectors: torch.Tensor) -> float:
+    """Share of the patch vectors' variance that lies between positions: 1 when the position decides a patch.
+
+    The variance of the per-position mean vectors over the positions, against the variance of all
+    vectors, each summed over the channels: near 0 for a texture (every position alike), near 1 for
+    aligned parts whose every position always looks the same.
+
+    Args:
+        position_means (torch.Tensor): The mean vector of each position over the images, ``(C, h, w)``.
+        vectors (torch.Tensor): All patch vectors ``(N, C)``.
+
+    Example:
+        >>> texture = torch.randn(1000, 3)
+        >>> round(position_share(torch.zeros(3, 2, 2), texture), 2)  # every position's mean alike
+        0.0
+
+    """
+    between = position_means.flatten(1).var(1, unbiased=False).sum()
+    total = vectors.double().var(0, unbiased=False).sum()
+    return float(between / total.clamp(min=torch.finfo(torch.float64).tiny))
 
 
 def greedy_coreset(vectors: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -126,11 +165,18 @@ class FeatureMemory(nn.Module):
         sampling (MemorySampling | str): ``"coreset"`` or ``"random"``. Defaults to ``"coreset"``.
         neighbourhood (int): Side of the window each level's features are averaged over, odd;
             ``1`` leaves them as they are. Defaults to ``3``.
+        whitening (bool | None): Measure distances in the space whitened by the normal patches'
+            covariance (``True``) or in the features' own space (``False``); ``None`` chooses
+            from the training images when fitting (see above). Defaults to ``None``.
 
     """
 
     def __init__(
-        self, size: int = 4096, sampling: MemorySampling | str = MemorySampling.CORESET, neighbourhood: int = 3
+        self,
+        size: int = 4096,
+        sampling: MemorySampling | str = MemorySampling.CORESET,
+        neighbourhood: int = 3,
+        whitening: bool | None = None,
     ) -> None:
         super().__init__()
         self.size = check_int(size, "memory_size")
@@ -139,23 +185,43 @@ class FeatureMemory(nn.Module):
             msg = f"memory_neighbourhood must be odd (a window centred on each position), got {neighbourhood}."
             raise SmaiInputError(msg)
         self.neighbourhood = neighbourhood
-        # Empty until fitted; resized to a checkpoint's memory when one is loaded. ``source`` holds
-        # the training image each vector came from, needed only by the calibration that follows the
-        # fit, so it stays out of checkpoints and exports.
+        self.whitening = whitening
+        self.position_share: float | None = None  # measured when fitting
+        # Empty until fitted; resized to a checkpoint's memory when one is loaded. The bank holds
+        # whitened vectors (``centre`` and ``whiten`` map an embedding into that space). ``source``
+        # holds the training image each vector came from, needed only by the calibration that
+        # follows the fit, so it stays out of checkpoints and exports.
         self.register_buffer("bank", torch.empty(0))
+        self.register_buffer("centre", torch.empty(0))
+        self.register_buffer("whiten", torch.empty(0))
         self.register_buffer("source", torch.empty(0, dtype=torch.long), persistent=False)
         self.bank: torch.Tensor
+        self.centre: torch.Tensor
+        self.whiten: torch.Tensor
         self.source: torch.Tensor
-        allow_missing(self, "bank")  # a checkpoint without a memory loads; scoring fits it
+        for name in ("bank", "centre", "whiten"):  # a checkpoint without a memory loads; scoring fits it
+            allow_missing(self, name)
 
     @property
     def is_fitted(self) -> bool:
         """Whether the memory has been fitted (or loaded)."""
-        return self.bank.numel() > 0
+        return self.bank.numel() > 0 and self.whiten.numel() > 0
+
+    @property
+    def is_whitened(self) -> bool:
+        """Whether the fitted (or loaded) memory measures distances in a whitened space."""
+        identity = torch.eye(len(self.whiten), dtype=self.whiten.dtype, device=self.whiten.device)
+        return self.whiten.numel() > 0 and not torch.equal(self.whiten, identity)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        resize_to_saved(self, state_dict, prefix, ("bank",))
+        if f"{prefix}whiten" not in state_dict:  # saved before the memory whitened: fitted again
+            state_dict.pop(f"{prefix}bank", None)
+        resize_to_saved(self, state_dict, prefix, ("bank", "centre", "whiten"))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _whitened(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Map vectors ``(..., C)`` into the memory's space: centred and whitened (as they are without whitening)."""
+        return (vectors - self.centre) @ self.whiten
 
     def embed(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Describe every patch: each level averaged over the neighbourhood, on the first level's grid, joined.
@@ -190,8 +256,9 @@ class FeatureMemory(nn.Module):
             ValueError: If there are fewer than two images.
 
         """
-        vectors, sources, count = [], [], 0
+        vectors, sources, count, position_sums = [], [], 0, 0.0
         for batch in embeddings:
+            position_sums = position_sums + batch.double().sum(0)
             vectors.append(batch.flatten(2).transpose(1, 2).flatten(0, 1))
             images = torch.arange(count, count + len(batch), device=batch.device)
             sources.append(images.repeat_interleave(batch.shape[2] * batch.shape[3]))
@@ -200,6 +267,10 @@ class FeatureMemory(nn.Module):
             msg = f"The feature memory needs at least 2 normal images, got {count}."
             raise SmaiInputError(msg)
         every, source = torch.cat(vectors).float(), torch.cat(sources)
+        self.position_share = position_share(position_sums / count, every)
+        whiten = self.whitening if self.whitening is not None else self.position_share < POSITION_SHARE
+        self._fit_whitening(every, whiten)
+        every = self._whitened(every)
         generator = torch.Generator().manual_seed(SEED)
         if self.sampling == MemorySampling.CORESET:
             keep = greedy_coreset(every, self.size, generator)
@@ -207,6 +278,23 @@ class FeatureMemory(nn.Module):
             keep = torch.randperm(len(every), generator=generator)[: self.size].sort().values.to(every.device)
         self.bank = every[keep].contiguous()
         self.source = source[keep]
+
+    def _fit_whitening(self, vectors: torch.Tensor, whiten: bool) -> None:
+        """Fit ``centre`` and ``whiten`` to the normal vectors ``(N, C)``: the identity without whitening."""
+        channels = vectors.shape[1]
+        if not whiten:
+            self.centre = vectors.new_zeros(channels)
+            self.whiten = torch.eye(channels, dtype=vectors.dtype, device=vectors.device)
+            return
+        vectors = vectors.double()  # sums over ~10^5 patches
+        centre = vectors.mean(0)
+        centred = vectors - centre
+        covariance = centred.T @ centred / max(1, len(vectors) - 1)
+        values, axes = torch.linalg.eigh(covariance)
+        values = values.clamp(min=0) + SHRINKAGE * values.clamp(min=0).mean()
+        floor = torch.finfo(torch.float32).tiny
+        self.centre = centre.float()
+        self.whiten = ((axes * values.clamp(min=floor).rsqrt()) @ axes.T).float()
 
     def forward(
         self, embedding: torch.Tensor, size: tuple[int, int], leave_out: torch.Tensor | None = None
@@ -227,7 +315,7 @@ class FeatureMemory(nn.Module):
             msg = "The feature memory is not fitted: SMAI fills it from the training images when fitting."
             raise SmaiInputError(msg)
         batch, _, height, width = embedding.shape
-        queries = embedding.flatten(2).transpose(1, 2)  # (B, hw, C)
+        queries = self._whitened(embedding.flatten(2).transpose(1, 2))  # (B, hw, C)
         bank_squares = self.bank.square().sum(1)
         chunk = max(1, CHUNK_VALUES // len(self.bank))
         if leave_out is not None:  # the same for every chunk of an image's positions

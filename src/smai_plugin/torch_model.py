@@ -186,6 +186,9 @@ class SmaiModel(nn.Module):
             ``"random"``. Defaults to ``"coreset"``.
         memory_neighbourhood (int): Window the memory's features are averaged over (odd; ``1``:
             none). Defaults to ``3``.
+        memory_whitening (bool | None): Measure the memory's distances in the space whitened by
+            the normal patches' covariance; ``None`` chooses from the training images (see
+            :mod:`smai_plugin.memory`). Defaults to ``None``.
         image_score_measure (ScoreMeasure | str | Sequence[ScoreMeasure | str] | None): The
             measure(s) of ``score_measure`` whose calibrated maps give the image score; ``None``
             takes ``memory`` where it is measured, else them all. The anomaly map always averages
@@ -225,6 +228,7 @@ class SmaiModel(nn.Module):
         inpaint_size: tuple[int, int] | None = None,
         memory_sampling: MemorySampling | str = MemorySampling.CORESET,
         memory_neighbourhood: int = 3,
+        memory_whitening: bool | None = None,
         inpainted_superpixels: int | None = None,
     ) -> None:
         super().__init__()
@@ -245,7 +249,9 @@ class SmaiModel(nn.Module):
             AnomalyMapGenerator(compared, comparison, passes_per_batch, sigma, self.pretrained) if compared else None
         )
         self.comparison = parse_enum(Comparison, comparison, "comparison")
-        self.memory = FeatureMemory(memory_size, memory_sampling, memory_neighbourhood) if uses_memory else None
+        self.memory = (
+            FeatureMemory(memory_size, memory_sampling, memory_neighbourhood, memory_whitening) if uses_memory else None
+        )
         if sigma < 0:
             msg = f"sigma must be non-negative, got {sigma}."
             raise SmaiInputError(msg)
@@ -545,6 +551,7 @@ class SmaiModel(nn.Module):
                     "memory_size": self.memory.size,
                     "memory_sampling": self.memory.sampling.value,
                     "memory_neighbourhood": self.memory.neighbourhood,
+                    "memory_whitening": self.memory.whitening,
                 }
                 if self.memory is not None
                 else {}
