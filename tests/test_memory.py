@@ -87,6 +87,7 @@ def test_the_memory_whitens_by_default_only_where_patches_do_not_depend_on_their
         chosen.fit(images)
         assert chosen.position_share == pytest.approx(share)
         assert chosen.is_whitened == whitened
+        assert ("under 0.65" if whitened else "at least 0.65") in chosen.whitening_choice
         for forced in (True, False):  # an explicit setting wins over the measurement
             memory = FeatureMemory(size=10, whitening=forced)
             memory.fit(images)

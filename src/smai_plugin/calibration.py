@@ -272,13 +272,8 @@ class SmaiCalibrationMixin:
         rank_zero_info(f"SMAI: calibrating on the {len(dataset)} normal training images.")
         self.model.calibrate(_Prepared(loader, self._calibration_images))
         self._calibration_stale = False
-        memory = self.model.memory
-        if memory is not None and memory.position_share is not None:
-            rank_zero_info(
-                f"SMAI: {memory.position_share:.2f} of the normal patches' feature variance lies between positions; "
-                f"the memory measures distances {'whitened' if memory.is_whitened else 'unwhitened'} "
-                f"(memory_whitening={memory.whitening})."
-            )
+        if self.model.memory is not None and self.model.memory.position_share is not None:
+            rank_zero_info(f"SMAI: {self.model.memory.whitening_choice}")
 
     def check_calibration_images(self) -> None:
         """Before training: refuse too few normal training images to calibrate on, warn when they are few.

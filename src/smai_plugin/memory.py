@@ -213,6 +213,20 @@ class FeatureMemory(nn.Module):
         identity = torch.eye(len(self.whiten), dtype=self.whiten.dtype, device=self.whiten.device)
         return self.whiten.numel() > 0 and not torch.equal(self.whiten, identity)
 
+    @property
+    def whitening_choice(self) -> str:
+        """How the last fit measured the patches' dependence on their position, and what it chose, in words."""
+        share = self.position_share
+        why = (
+            f"memory_whitening={self.whitening}"
+            if self.whitening is not None
+            else f"chosen: {'under' if share < POSITION_SHARE else 'at least'} {POSITION_SHARE}"
+        )
+        return (
+            f"{share:.2f} of the normal patches' feature variance lies between positions; the memory measures "
+            f"{'whitened' if self.is_whitened else 'unwhitened'} distances ({why})."
+        )
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         if f"{prefix}whiten" not in state_dict:  # saved before the memory whitened: fitted again
             state_dict.pop(f"{prefix}bank", None)
