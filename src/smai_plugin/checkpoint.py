@@ -203,7 +203,7 @@ class SmaiCheckpointMixin:
             )
             raise SmaiInputError(msg)
         own = self.state_dict()
-        fitted = ("normal_statistics.", "memory.bank")  # sized by the data they were fitted on
+        fitted = ("normal_statistics.", "memory.")  # sized by the data they were fitted on (the memory: only such)
         differ = [
             key
             for key in saved.keys() & own.keys()
