@@ -79,9 +79,9 @@ def test_the_memory_whitens_by_default_only_where_patches_do_not_depend_on_their
     # positions (share 1); the pair swapped in the second image puts none there (share 0).
     aligned = [patches([0.0], [2.0]), patches([0.0], [2.0])]
     texture = [patches([0.0], [2.0]), patches([2.0], [0.0])]
-    means = torch.tensor([[[0.0, 2.0]]])  # per-position means of the aligned pair, (C, h, w)
-    assert position_share(means, torch.tensor([[0.0], [2.0], [0.0], [2.0]])) == pytest.approx(1.0)
-    assert position_share(torch.ones(1, 1, 2), torch.tensor([[0.0], [2.0], [2.0], [0.0]])) == pytest.approx(0.0)
+    # position_share takes (images, positions, C).
+    assert position_share(torch.tensor([[[0.0], [2.0]], [[0.0], [2.0]]])) == pytest.approx(1.0)
+    assert position_share(torch.tensor([[[0.0], [2.0]], [[2.0], [0.0]]])) == pytest.approx(0.0)
     for images, share, whitened in ((aligned, 1.0, False), (texture, 0.0, True)):
         chosen = FeatureMemory(size=10)
         chosen.fit(images)

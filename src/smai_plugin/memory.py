@@ -100,7 +100,7 @@ def first_argmin(values: torch.Tensor, group: int = ARGMIN_GROUP) -> torch.Tenso
     return best_group.squeeze(-1) * group + within.argmin(-1)
 
 
-def position_share(position_means: torch.Tensor, vectors: torch.Tensor) -> float:
+def position_share(vectors: torch.Tensor) -> float:
     """Share of the patch vectors' variance that lies between positions: 1 when the position decides a patch.
 
     The variance of the per-position mean vectors over the positions, against the variance of all
@@ -108,17 +108,18 @@ def position_share(position_means: torch.Tensor, vectors: torch.Tensor) -> float
     aligned parts whose every position always looks the same.
 
     Args:
-        position_means (torch.Tensor): The mean vector of each position over the images, ``(C, h, w)``.
-        vectors (torch.Tensor): All patch vectors ``(N, C)``.
+        vectors (torch.Tensor): The patch vectors of every image at every position, ``(images, positions, C)``.
 
     Example:
-        >>> texture = torch.randn(1000, 3)
-        >>> round(position_share(torch.zeros(3, 2, 2), texture), 2)  # every position's mean alike
+        >>> position_share(torch.tensor([[[0.0], [2.0]], [[0.0], [2.0]]]))  # 2 images, 2 positions, 1 channel
+        1.0
+        >>> position_share(torch.tensor([[[0.0], [2.0]], [[2.0], [0.0]]]))  # the pair swapped: positions alike
         0.0
 
     """
-    between = position_means.flatten(1).var(1, unbiased=False).sum()
-    total = vectors.double().var(0, unbiased=False).sum()
+    vectors = vectors.double()  # sums over ~10^5 patches
+    between = vectors.mean(0).var(0, unbiased=False).sum()
+    total = vectors.flatten(0, 1).var(0, unbiased=False).sum()
     return float(between / total.clamp(min=torch.finfo(torch.float64).tiny))
 
 
@@ -270,9 +271,8 @@ class FeatureMemory(nn.Module):
             ValueError: If there are fewer than two images.
 
         """
-        vectors, sources, count, position_sums = [], [], 0, 0.0
+        vectors, sources, count = [], [], 0
         for batch in embeddings:
-            position_sums = position_sums + batch.double().sum(0)
             vectors.append(batch.flatten(2).transpose(1, 2).flatten(0, 1))
             images = torch.arange(count, count + len(batch), device=batch.device)
             sources.append(images.repeat_interleave(batch.shape[2] * batch.shape[3]))
@@ -281,7 +281,7 @@ class FeatureMemory(nn.Module):
             msg = f"The feature memory needs at least 2 normal images, got {count}."
             raise SmaiInputError(msg)
         every, source = torch.cat(vectors).float(), torch.cat(sources)
-        self.position_share = position_share(position_sums / count, every)
+        self.position_share = position_share(every.unflatten(0, (count, -1)))  # images in order, positions within
         whiten = self.whitening if self.whitening is not None else self.position_share < POSITION_SHARE
         self._fit_whitening(every, whiten)
         every = self._whitened(every)
