@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.segmentation import find_boundaries, slic
 
-from smai_plugin.superpixel import SuperpixelCache, SuperpixelMasker, superpixel_grid
+from smai_plugin.superpixel import SuperpixelCache, SuperpixelMasker, nearest_candidate, superpixel_grid
 
 from .conftest import real_image
 
@@ -99,6 +99,16 @@ def test_masks_partition_the_image_with_fixed_count() -> None:
     rows, cols = superpixel_grid(40, 128, 128)
     assert (masks.flatten(2).sum(2) > 0).sum(1).le(rows * cols).all()
     assert torch.equal(masks[0], masks[1])  # batched images are segmented independently and alike
+
+
+def test_nearest_candidate_is_argmin_with_its_choice_among_ties() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # Distances from few values, so that most pixels have tied candidates; argmin takes the first.
+    distance = torch.randint(0, 3, (2, 9, 500), generator=generator).float()
+    candidates = torch.randperm(9 * 500, generator=generator).reshape(9, 500)
+    expected = torch.gather(candidates.expand(2, -1, -1), 1, distance.argmin(1, keepdim=True)).squeeze(1)
+    assert (distance.min(1, keepdim=True).values == distance).sum(1).gt(1).float().mean() > 0.5  # ties are common
+    assert torch.equal(nearest_candidate(distance, candidates), expected)
 
 
 class CountingMasker(SuperpixelMasker):
