@@ -94,6 +94,19 @@ def test_the_memory_whitens_by_default_only_where_patches_do_not_depend_on_their
             assert memory.is_whitened == forced
 
 
+def test_normal_patches_that_never_vary_are_not_whitened_and_give_finite_distances() -> None:
+    # Blank training images: every patch vector the same, so the covariance is 0 and a whitening
+    # would divide by it. The memory keeps Euclidean distances instead, chosen or forced.
+    blank = [patches([1.0, 1.0], [1.0, 1.0]), patches([1.0, 1.0], [1.0, 1.0])]
+    for whitening in (None, True):
+        memory = FeatureMemory(size=10, whitening=whitening)
+        memory.fit(blank)
+        assert not memory.is_whitened
+        distance = memory(patches([1.0, 1.0], [4.0, 5.0]), size=(1, 2))[0, 0, 0]
+        torch.testing.assert_close(distance, torch.tensor([0.0, 5.0]), atol=1e-5, rtol=0)
+    assert memory.position_share == 1.0
+
+
 def test_leave_out_ignores_only_the_images_own_patches() -> None:
     memory = FeatureMemory(size=100, whitening=False)
     first, second = patches([0.0, 0.0], [1.0, 0.0]), patches([0.0, 3.0], [5.0, 0.0])

@@ -105,7 +105,8 @@ def position_share(vectors: torch.Tensor) -> float:
 
     The variance of the per-position mean vectors over the positions, against the variance of all
     vectors, each summed over the channels: near 0 for a texture (every position alike), near 1 for
-    aligned parts whose every position always looks the same.
+    aligned parts whose every position always looks the same. 1 also for vectors that do not vary
+    at all (blank images): there is nothing to whiten.
 
     Args:
         vectors (torch.Tensor): The patch vectors of every image at every position, ``(images, positions, C)``.
@@ -120,7 +121,7 @@ def position_share(vectors: torch.Tensor) -> float:
     vectors = vectors.double()  # sums over ~10^5 patches
     between = vectors.mean(0).var(0, unbiased=False).sum()
     total = vectors.flatten(0, 1).var(0, unbiased=False).sum()
-    return float(between / total.clamp(min=torch.finfo(torch.float64).tiny))
+    return float(between / total) if total > 0 else 1.0
 
 
 def greedy_coreset(vectors: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -296,19 +297,21 @@ class FeatureMemory(nn.Module):
     def _fit_whitening(self, vectors: torch.Tensor, whiten: bool) -> None:
         """Fit ``centre`` and ``whiten`` to the normal vectors ``(N, C)``: the identity without whitening."""
         channels = vectors.shape[1]
+        self.centre = vectors.new_zeros(channels)
+        self.whiten = torch.eye(channels, dtype=vectors.dtype, device=vectors.device)
         if not whiten:
-            self.centre = vectors.new_zeros(channels)
-            self.whiten = torch.eye(channels, dtype=vectors.dtype, device=vectors.device)
             return
         vectors = vectors.double()  # sums over ~10^5 patches
         centre = vectors.mean(0)
         centred = vectors - centre
         covariance = centred.T @ centred / max(1, len(vectors) - 1)
         values, axes = torch.linalg.eigh(covariance)
-        values = values.clamp(min=0) + SHRINKAGE * values.clamp(min=0).mean()
-        floor = torch.finfo(torch.float32).tiny
+        values = values.clamp(min=0)
+        if not values.any():  # normal patches that never vary have no scale to whiten by: kept as they are
+            return
+        values = values + SHRINKAGE * values.mean()  # every value now positive
         self.centre = centre.float()
-        self.whiten = ((axes * values.clamp(min=floor).rsqrt()) @ axes.T).float()
+        self.whiten = ((axes * values.rsqrt()) @ axes.T).float()
 
     def forward(
         self, embedding: torch.Tensor, size: tuple[int, int], leave_out: torch.Tensor | None = None
