@@ -94,6 +94,19 @@ def nearest_candidate(distance: torch.Tensor, candidates: torch.Tensor) -> torch
     return labels
 
 
+def gather_candidates(centres: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Pick the centres ``(B, F, K)`` at ``candidates`` ``(N,)``, ``(B, F, N)``, by the op each runtime runs fastest.
+
+    In an export, ``index_select`` along the last axis: one OpenVINO ``Gather``, where indexing
+    adds a transpose and ``gather`` becomes a ``GatherElements``, 1.5-2x slower each. In torch,
+    ``gather`` with an expanded index: 0.4 ms for SLIC's 9 x 16384 candidates, where
+    ``index_select`` along the last axis takes 5 ms. The same values either way.
+    """
+    if torch.compiler.is_exporting():
+        return centres.index_select(2, candidates)
+    return torch.gather(centres, 2, candidates.expand(*centres.shape[:2], -1))
+
+
 class SuperpixelMasker(nn.Module):
     """Batched SLIC returning ``n_superpixels`` binary masks per image.
 
@@ -218,8 +231,7 @@ class SuperpixelMasker(nn.Module):
         flat_candidates = candidates_by_rank.flatten()
         labels = cell.expand(batch, -1)
         for _ in range(self.slic_iterations):
-            # index_select, not indexing: ONNX's indexing of a middle axis adds a transpose.
-            candidate_centres = centres.transpose(1, 2).index_select(2, flat_candidates).unflatten(2, (9, -1))
+            candidate_centres = gather_candidates(centres.transpose(1, 2), flat_candidates).unflatten(2, (9, -1))
             distance = (pixels - candidate_centres).pow(2).sum(1) + invalid_penalty  # (B, 9, HW)
             labels = nearest_candidate(distance, candidates_by_rank)
             centres = self._update_centres(features, labels, centre_ids, centres)
