@@ -56,6 +56,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "inpainting alone (msgms)": {"score_measure": "msgms"},
     "inpaint the 8 superpixels the memory ranks highest": {"inpainted_superpixels": 8},
     "inpaint the 4 superpixels the memory ranks highest": {"inpainted_superpixels": 4},
+    "inpaint the 2 superpixels the memory ranks highest": {"inpainted_superpixels": 2},
     "SLIC: 5 iterations": {"slic_iterations": 5},
     "SLIC: 3 iterations": {"slic_iterations": 3},
 }
