@@ -44,6 +44,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "image score from every measure": {"image_score_measure": ["msgms", "memory"]},
     "memory: random sample instead of coreset": {"memory_sampling": "random"},
     "memory: no neighbourhood aggregation": {"memory_neighbourhood": 1},
+    "memory: the 3x3 average alone (PatchCore's patch)": {"memory_neighbourhood": 3},
+    "memory: no dilation": {"memory_dilation": 1},
+    "memory: the 3x3 average alone, no dilation (before)": {"memory_neighbourhood": 3, "memory_dilation": 1},
     "memory: never whitened": {"memory_whitening": False},
     "memory: always whitened": {"memory_whitening": True},
     "memory of 1024 patches": {"memory_size": 1024},
@@ -126,6 +129,7 @@ def evaluate(checkpoint: Path, settings: dict[str, Any], data: MVTecAD, cache: d
         torch_model.anomaly_map_generator = CachedComparison(torch_model.anomaly_map_generator, cache)
     if torch_model.memory is not None:
         memory = torch_model.memory
+        # The bank does not depend on the dilation (applied to distances after the search).
         key = str((memory.size, memory.sampling, memory.neighbourhood, memory.whitening, settings.get("image_size")))
         cache_memory(memory, key, cache)
     torch_model.calibrate([images for (images, _), _ in batches(model, data.train_data)])

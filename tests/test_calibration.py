@@ -209,6 +209,23 @@ def test_other_map_settings_calibrate_again(
     assert loaded.model.normal_statistics.mean.shape[1] == 1  # one measure now
 
 
+def test_a_checkpoint_saved_before_the_memory_dilated_calibrates_again_unless_loaded_without_dilation(
+    fitted: tuple[Smai, CalibrationSpy, Path], tiny_root: Path, tmp_path: Path
+) -> None:
+    _, _, path = fitted
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["smai_map_settings"]["memory_dilation"] == 3
+    for saved in (checkpoint["smai_map_settings"], checkpoint["hyper_parameters"]):  # as saved before the setting
+        del saved["memory_dilation"]
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(checkpoint, legacy)
+    for settings, calibrates in (({}, True), ({"memory_dilation": 1}, False)):
+        loaded = Smai.load_from_checkpoint(legacy, **settings)
+        spy = CalibrationSpy(loaded)
+        engine(tmp_path).test(loaded, datamodule=datamodule(tiny_root), verbose=False)
+        assert bool(spy.batches) == calibrates
+
+
 def test_an_uncalibrated_model_without_training_images_is_refused(tiny_root: Path, tmp_path: Path) -> None:
     model = Smai(**TINY_MODEL_ARGS, visualizer=False)
     image = next((tiny_root / "hazelnut_toy" / "test").rglob("*.png"))

@@ -27,8 +27,34 @@ def test_embedding_averages_each_level_over_its_neighbourhood_and_joins_the_leve
         FeatureMemory(neighbourhood=2)
 
 
+def test_several_windows_describe_each_patch_at_each_window_joined_in_their_order() -> None:
+    fine, coarse = torch.ones(1, 2, 3, 3), torch.tensor([[[[2.0]]]])
+    both = FeatureMemory(neighbourhood=(3, 1)).embed([fine, coarse])
+    assert both.shape == (1, 6, 3, 3)  # (2 + 1 channels) per window
+    torch.testing.assert_close(both[:, :3], FeatureMemory(neighbourhood=3).embed([fine, coarse]))
+    torch.testing.assert_close(both[:, 3:], FeatureMemory(neighbourhood=1).embed([fine, coarse]))
+    for windows in ((), (3, 2)):
+        with pytest.raises(ValueError, match="memory_neighbourhood"):
+            FeatureMemory(neighbourhood=windows)
+
+
+def test_dilation_gives_each_position_the_largest_distance_of_its_window() -> None:
+    normal = patches([0.0], [0.0], [0.0], [0.0], [0.0])
+    query = patches([0.0], [0.0], [0.0], [4.0], [0.0])  # one odd patch in a row of five
+    distances = {}
+    for dilation in (1, 3, 5):
+        memory = FeatureMemory(size=10, dilation=dilation, whitening=False)
+        memory.fit([normal, normal])
+        distances[dilation] = memory(query, size=(1, 5))[0, 0, 0].tolist()
+    assert distances[1] == [0.0, 0.0, 0.0, 4.0, 0.0]
+    assert distances[3] == [0.0, 0.0, 4.0, 4.0, 4.0]  # its neighbours on either side
+    assert distances[5] == [0.0, 4.0, 4.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="memory_dilation must be odd"):
+        FeatureMemory(dilation=2)
+
+
 def test_distance_is_euclidean_to_the_nearest_normal_patch() -> None:
-    memory = FeatureMemory(size=100, whitening=False)
+    memory = FeatureMemory(size=100, dilation=1, whitening=False)
     memory.fit([patches([0.0, 0.0], [3.0, 0.0]), patches([0.0, 4.0], [10.0, 10.0])])
     assert tuple(memory.bank.shape) == (4, 2)
     queries = patches([0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [9.0, 10.0])
@@ -47,7 +73,7 @@ def test_whitened_distances_count_each_direction_by_how_much_normal_patches_vary
     def turned(*rows: list[float]) -> torch.Tensor:
         return patches(*((rotation @ torch.tensor(row)).tolist() for row in rows))
 
-    memory = FeatureMemory(size=100, whitening=True)
+    memory = FeatureMemory(size=100, dilation=1, whitening=True)
     memory.fit([turned([-10.0, 0.0], [10.0, 0.0]), turned([0.0, -1.0], [0.0, 1.0])])
     assert memory.is_whitened
     # Mean 0; variances (n - 1 = 3) 200/3 and 2/3 along the axes, shrunk by SHRINKAGE of their mean.
@@ -57,7 +83,7 @@ def test_whitened_distances_count_each_direction_by_how_much_normal_patches_vary
     # 3 along the wide axis from [10, 0]; 1 along the narrow axis from [10, 0] now counts more;
     # the mean is nearest to [0, +-1] (the narrow axis's unit, 10 times shorter than the wide one's).
     torch.testing.assert_close(distance, torch.tensor([3 * wide, narrow, narrow]), atol=1e-4, rtol=0)
-    euclidean = FeatureMemory(size=100, whitening=False)
+    euclidean = FeatureMemory(size=100, dilation=1, whitening=False)
     euclidean.fit([turned([-10.0, 0.0], [10.0, 0.0]), turned([0.0, -1.0], [0.0, 1.0])])
     plain = euclidean(turned([13.0, 0.0], [10.0, 1.0]), size=(1, 2))[0, 0, 0]
     torch.testing.assert_close(plain, torch.tensor([3.0, 1.0]), atol=1e-4, rtol=0)  # the other order
@@ -99,7 +125,7 @@ def test_normal_patches_that_never_vary_are_not_whitened_and_give_finite_distanc
     # would divide by it. The memory keeps Euclidean distances instead, chosen or forced.
     blank = [patches([1.0, 1.0], [1.0, 1.0]), patches([1.0, 1.0], [1.0, 1.0])]
     for whitening in (None, True):
-        memory = FeatureMemory(size=10, whitening=whitening)
+        memory = FeatureMemory(size=10, dilation=1, whitening=whitening)
         memory.fit(blank)
         assert not memory.is_whitened
         distance = memory(patches([1.0, 1.0], [4.0, 5.0]), size=(1, 2))[0, 0, 0]
@@ -108,7 +134,7 @@ def test_normal_patches_that_never_vary_are_not_whitened_and_give_finite_distanc
 
 
 def test_leave_out_ignores_only_the_images_own_patches() -> None:
-    memory = FeatureMemory(size=100, whitening=False)
+    memory = FeatureMemory(size=100, dilation=1, whitening=False)
     first, second = patches([0.0, 0.0], [1.0, 0.0]), patches([0.0, 3.0], [5.0, 0.0])
     both = torch.cat([first, second])
     memory.fit([both])  # one batch: image 0, image 1
@@ -169,7 +195,7 @@ def test_calibration_fits_the_memory_then_the_statistics_without_each_images_own
     args = {"n_superpixels": 9, "base_channels": 8, "comparison": "reconstruction"}
     model = SmaiModel(**args, score_measure=["l2", "memory"], calibration="score")
     model.calibrate([images[:2], images[2:]])
-    assert tuple(model.memory.bank.shape) == (4 * 8 * 8, 40 + 112)  # every patch of 4 images at stride 8
+    assert tuple(model.memory.bank.shape) == (4 * 8 * 8, 2 * (40 + 112))  # 4 images at stride 8, 2 windows
     with torch.no_grad():
         own = model.difference_maps(images)
         left_out = model.difference_maps(images, leave_out=torch.arange(4))

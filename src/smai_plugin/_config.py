@@ -27,6 +27,24 @@ def check_int(value: object, name: str, minimum: int = 1, multiple_of: int = 1) 
     return value
 
 
+def check_odd(value: object, name: str) -> int:
+    """Refuse anything but a positive odd whole number: the side of a window centred on each position.
+
+    Example:
+        >>> check_odd(3, "memory_dilation")
+        3
+        >>> check_odd(2, "memory_neighbourhood")
+        Traceback (most recent call last):
+        ...
+        smai_plugin.errors.SmaiInputError: memory_neighbourhood must be odd (a window centred on each position), got 2.
+
+    """
+    if check_int(value, name) % 2 == 0:
+        msg = f"{name} must be odd (a window centred on each position), got {value}."
+        raise SmaiInputError(msg)
+    return value
+
+
 def parse_enum(enum: type[EnumT], value: EnumT | str, name: str) -> EnumT:
     """Convert a config value to ``enum``, with an error message that lists the choices.
 

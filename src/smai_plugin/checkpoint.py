@@ -52,6 +52,8 @@ from .similarity import ScoreMeasure
 
 __all__ = ["CheckedCheckpointIO", "SmaiCheckpointMixin", "check_checkpoint_file"]
 
+# Map settings newer than some checkpoints, and the value that gives the maps those checkpoints were calibrated with.
+SETTINGS_BEFORE_SAVED = {"memory_dilation": 1}
 # The file ``load_from_checkpoint`` reads, for messages from the hooks it calls (a trainer knows its ckpt_path).
 _loading: ContextVar[str | None] = ContextVar("smai_loading_checkpoint", default=None)
 
@@ -264,6 +266,10 @@ class SmaiCheckpointMixin:
             checkpoint["state_dict"] = weights | metrics
         self._saved_rng_state = checkpoint.get("smai_rng_state")
         saved, current = checkpoint.get("smai_map_settings", {}), self._map_settings()
+        if saved:  # in today's terms: settings added since took the value that reproduces its maps then
+            saved = {**{name: SETTINGS_BEFORE_SAVED[name] for name in SETTINGS_BEFORE_SAVED.keys() & current}, **saved}
+            if isinstance(saved.get("memory_neighbourhood"), int):  # one window, saved before there could be several
+                saved["memory_neighbourhood"] = [saved["memory_neighbourhood"]]
         changed = [name for name, value in saved.items() if current.get(name) != value]
         self._calibration_stale = bool(checkpoint.get("smai_calibration_stale", False)) or bool(changed)
         if changed and self.model.calibration != Calibration.NONE:

@@ -146,8 +146,12 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         memory_sampling (str): How the memory chooses them from the training images' patches:
             ``"coreset"`` (greedy k-center, as PatchCore: rare normal patches stay covered) or
             ``"random"`` (a seeded sample). Defaults to ``"coreset"``.
-        memory_neighbourhood (int): Side of the window the memory's features are averaged over
-            (PatchCore's locally aware patches; odd, ``1``: none). Defaults to ``3``.
+        memory_neighbourhood (int | Sequence[int]): Side of the window the memory's features are
+            averaged over (odd, ``1``: none); with several, each patch is described at each and the
+            descriptions joined. Defaults to ``(3, 1)``: PatchCore's locally aware patch beside the
+            patch's own features (docs/quality.md).
+        memory_dilation (int): Side of the window of positions whose largest memory distance each
+            position takes, so that a defect's map covers its extent (odd, ``1``: none). Defaults to ``3``.
         memory_whitening (bool | None): ``True`` measures the memory's distances in the space
             whitened by the covariance of the normal patches (all positions together), so that
             small changes normal patches never show count as much as their large, harmless
@@ -215,7 +219,8 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
         window_size: int = 64,
         memory_size: int = 4096,
         memory_sampling: str = "coreset",
-        memory_neighbourhood: int = 3,
+        memory_neighbourhood: int | Sequence[int] = (3, 1),
+        memory_dilation: int = 3,
         memory_whitening: bool | None = None,
         image_score_measure: str | Sequence[str] | None = None,
         inpaint_size: int | tuple[int, int] | None = None,
@@ -245,6 +250,7 @@ class Smai(SmaiDataChecksMixin, SmaiCalibrationMixin, SmaiCheckpointMixin, SmaiE
             memory_size=memory_size,
             memory_sampling=memory_sampling,
             memory_neighbourhood=memory_neighbourhood,
+            memory_dilation=memory_dilation,
             memory_whitening=memory_whitening,
             image_score_measure=image_score_measure,
             inpaint_size=_square(inpaint_size),

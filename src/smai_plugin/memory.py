@@ -7,11 +7,16 @@ the way PatchCore scores: every patch of the image is described by pretrained Im
 compared with a memory of the patches of the normal training images; its distance to the nearest
 normal patch is its value. It looks at the original image only, never at the inpainting.
 
-A patch's description (:meth:`FeatureMemory.embed`) is PatchCore's *locally aware* feature:
-EfficientNet-Lite0's blocks 2 and 4 (strides 8 and 16, 40 and 112 channels), each averaged over a
-``neighbourhood`` x ``neighbourhood`` window of positions (so a patch also knows its surroundings),
-the coarser level resized to the finer level's grid, and the two concatenated: one 152-value vector
-per 8x8 pixels.
+A patch's description (:meth:`FeatureMemory.embed`) joins two scales: PatchCore's *locally
+aware* feature, EfficientNet-Lite0's blocks 2 and 4 (strides 8 and 16, 40 and 112 channels) each
+averaged over a 3x3 window of positions (so a patch also knows its surroundings), and the same
+two levels as they are (the patch's own detail, which the average dilutes: a thin crack, fine
+grain). The coarser level is resized to the finer level's grid: one 304-value vector per 8x8
+pixels (``neighbourhood=(3, 1)``; one window, e.g. ``3``, gives PatchCore's 152 values alone).
+
+Each position's distance is then the largest within its ``dilation`` x ``dilation`` window of
+positions: a defect reaches the patches around it only faintly (their windows hold a little of
+it), so the map is dilated to its full extent (docs/quality.md measures both).
 
 Distances are Euclidean, in the features' own space or in a *whitened* one (``whitening``): the
 patch vectors centred on their normal mean and multiplied by the inverse square root of their
@@ -39,8 +44,8 @@ Example:
     >>> memory = FeatureMemory(size=20)
     >>> normal = [[torch.rand(2, 40, 8, 8), torch.rand(2, 112, 4, 4)] for _ in range(3)]
     >>> memory.fit(memory.embed(levels) for levels in normal)
-    >>> memory.bank.shape
-    torch.Size([20, 152])
+    >>> memory.bank.shape  # 152 values per window: the 3x3 average and the patch itself
+    torch.Size([20, 304])
     >>> memory(memory.embed(normal[0]), size=(64, 64)).shape
     torch.Size([2, 1, 64, 64])
 
@@ -53,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from ._config import check_int, parse_enum
+from ._config import check_int, check_odd, parse_enum
 from .calibration import allow_missing, resize_to_saved
 from .errors import SmaiInputError
 
@@ -165,8 +170,11 @@ class FeatureMemory(nn.Module):
     Args:
         size (int): Most patch vectors the memory keeps. Defaults to ``4096``.
         sampling (MemorySampling | str): ``"coreset"`` or ``"random"``. Defaults to ``"coreset"``.
-        neighbourhood (int): Side of the window each level's features are averaged over, odd;
-            ``1`` leaves them as they are. Defaults to ``3``.
+        neighbourhood (int | Sequence[int]): Side of the window each level's features are
+            averaged over, odd (``1`` leaves them as they are); with several, the patch is
+            described at each and the descriptions joined. Defaults to ``(3, 1)``.
+        dilation (int): Side of the window of positions whose largest distance each position
+            takes, odd (``1``: none). Defaults to ``3``.
         whitening (bool | None): Measure distances in the space whitened by the normal patches'
             covariance (``True``) or in the features' own space (``False``); ``None`` chooses
             from the training images when fitting (see above). Defaults to ``None``.
@@ -177,16 +185,19 @@ class FeatureMemory(nn.Module):
         self,
         size: int = 4096,
         sampling: MemorySampling | str = MemorySampling.CORESET,
-        neighbourhood: int = 3,
+        neighbourhood: int | Sequence[int] = (3, 1),
+        dilation: int = 3,
         whitening: bool | None = None,
     ) -> None:
         super().__init__()
         self.size = check_int(size, "memory_size")
         self.sampling = parse_enum(MemorySampling, sampling, "memory_sampling")
-        if check_int(neighbourhood, "memory_neighbourhood") % 2 == 0:
-            msg = f"memory_neighbourhood must be odd (a window centred on each position), got {neighbourhood}."
+        windows = (neighbourhood,) if isinstance(neighbourhood, int) else tuple(neighbourhood)
+        if not windows:
+            msg = "memory_neighbourhood needs at least one window, e.g. 3 or [3, 1]."
             raise SmaiInputError(msg)
-        self.neighbourhood = neighbourhood
+        self.neighbourhood = tuple(check_odd(window, "memory_neighbourhood") for window in windows)
+        self.dilation = check_odd(dilation, "memory_dilation")
         self.whitening = whitening
         self.position_share: float | None = None  # measured when fitting
         # Empty until fitted; resized to a checkpoint's memory when one is loaded. The bank holds
@@ -246,17 +257,18 @@ class FeatureMemory(nn.Module):
             levels (Sequence[torch.Tensor]): Feature maps ``(B, C_i, h_i, w_i)``, finest first.
 
         Returns:
-            torch.Tensor: ``(B, sum C_i, h_0, w_0)``.
+            torch.Tensor: ``(B, windows * sum C_i, h_0, w_0)``, window by window in ``neighbourhood``'s order.
 
         """
         size = levels[0].shape[-2:]
         joined = []
-        for level in levels:
-            if self.neighbourhood > 1:
-                level = F.avg_pool2d(level, self.neighbourhood, stride=1, padding=self.neighbourhood // 2)
-            if level.shape[-2:] != size:
-                level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-            joined.append(level)
+        for window in self.neighbourhood:
+            for level in levels:
+                if window > 1:
+                    level = F.avg_pool2d(level, window, stride=1, padding=window // 2)
+                if level.shape[-2:] != size:
+                    level = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+                joined.append(level)
         return torch.cat(joined, dim=1)
 
     @torch.no_grad()
@@ -316,7 +328,7 @@ class FeatureMemory(nn.Module):
     def forward(
         self, embedding: torch.Tensor, size: tuple[int, int], leave_out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Distance of each patch to its nearest normal patch vector, resized to ``size``: ``(B, 1, *size)``.
+        """Distance of each patch to its nearest normal patch vector, dilated, resized to ``size``: ``(B, 1, *size)``.
 
         Args:
             embedding (torch.Tensor): The images' :meth:`embed`, ``(B, C, h, w)``.
@@ -348,4 +360,6 @@ class FeatureMemory(nn.Module):
             closest = self.bank[first_argmin(squares)]  # (B, chunk, C)
             nearest.append((part - closest).square().sum(2))
         distance = torch.cat(nearest, dim=1).sqrt().reshape(batch, 1, height, width)
+        if self.dilation > 1:
+            distance = F.max_pool2d(distance, self.dilation, stride=1, padding=self.dilation // 2)
         return F.interpolate(distance, size=size, mode="bilinear", align_corners=False)

@@ -184,8 +184,11 @@ class SmaiModel(nn.Module):
             :mod:`smai_plugin.memory`). Defaults to ``4096``.
         memory_sampling (MemorySampling | str): How the memory chooses them: ``"coreset"`` or
             ``"random"``. Defaults to ``"coreset"``.
-        memory_neighbourhood (int): Window the memory's features are averaged over (odd; ``1``:
-            none). Defaults to ``3``.
+        memory_neighbourhood (int | Sequence[int]): Window(s) the memory's features are averaged
+            over (odd; ``1``: none); with several, each patch is described at each, joined.
+            Defaults to ``(3, 1)``.
+        memory_dilation (int): Window of positions whose largest memory distance each position
+            takes (odd; ``1``: none). Defaults to ``3``.
         memory_whitening (bool | None): Measure the memory's distances in the space whitened by
             the normal patches' covariance; ``None`` chooses from the training images (see
             :mod:`smai_plugin.memory`). Defaults to ``None``.
@@ -227,7 +230,8 @@ class SmaiModel(nn.Module):
         image_score_measure: ScoreMeasure | str | Sequence[ScoreMeasure | str] | None = None,
         inpaint_size: tuple[int, int] | None = None,
         memory_sampling: MemorySampling | str = MemorySampling.CORESET,
-        memory_neighbourhood: int = 3,
+        memory_neighbourhood: int | Sequence[int] = (3, 1),
+        memory_dilation: int = 3,
         memory_whitening: bool | None = None,
         inpainted_superpixels: int | None = None,
     ) -> None:
@@ -250,7 +254,9 @@ class SmaiModel(nn.Module):
         )
         self.comparison = parse_enum(Comparison, comparison, "comparison")
         self.memory = (
-            FeatureMemory(memory_size, memory_sampling, memory_neighbourhood, memory_whitening) if uses_memory else None
+            FeatureMemory(memory_size, memory_sampling, memory_neighbourhood, memory_dilation, memory_whitening)
+            if uses_memory
+            else None
         )
         if sigma < 0:
             msg = f"sigma must be non-negative, got {sigma}."
@@ -550,7 +556,8 @@ class SmaiModel(nn.Module):
                 {
                     "memory_size": self.memory.size,
                     "memory_sampling": self.memory.sampling.value,
-                    "memory_neighbourhood": self.memory.neighbourhood,
+                    "memory_neighbourhood": list(self.memory.neighbourhood),
+                    "memory_dilation": self.memory.dilation,
                     "memory_whitening": self.memory.whitening,
                 }
                 if self.memory is not None
