@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv and run the whole test suite (about 12 minutes on 2 CPU cores, plus the setup).
+# Set up .venv and run the whole test suite (about 13 minutes on 2 CPU cores, plus the setup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
